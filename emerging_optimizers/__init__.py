@@ -1,0 +1,49 @@
+"""emerging_optimizers: optimizers beyond AdamW for PyTorch.
+
+Importing the package registers every optimizer (see :mod:`emerging_optimizers.registry`).
+"""
+
+from emerging_optimizers import compat, mixin, registry, scalar_optimizers, utils
+from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
+from emerging_optimizers.registry import (
+    get_configured_optimizer_cls,
+    get_optimizer_cls,
+    get_optimizer_name_list,
+    register_optimizer,
+)
+from emerging_optimizers.scalar_optimizers import (
+    Adam,
+    AdamW,
+    AdEMAMix,
+    LaProp,
+    Lion,
+    MAdam,
+    RMSProp,
+    Signum,
+    SimplifiedAdEMAMix,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compat",
+    "mixin",
+    "registry",
+    "scalar_optimizers",
+    "utils",
+    "WeightDecayMixin",
+    "WeightDecayT",
+    "get_configured_optimizer_cls",
+    "get_optimizer_cls",
+    "get_optimizer_name_list",
+    "register_optimizer",
+    "Adam",
+    "AdamW",
+    "AdEMAMix",
+    "LaProp",
+    "Lion",
+    "MAdam",
+    "RMSProp",
+    "Signum",
+    "SimplifiedAdEMAMix",
+]

@@ -1,0 +1,161 @@
+"""Plumbing shared by every optimizer of the package, written once.
+
+:class:`EmergingOptimizer` owns what torch users expect of any ``torch.optim.Optimizer`` and what the
+reference library gets wrong:
+
+* ``step(closure)`` runs the closure under ``torch.enable_grad()`` and returns its loss;
+* gradients are checked early (sparse and complex gradients raise a ``ValueError`` naming the parameter);
+* ``_init_group(group, skip_non_grad_params=True)`` allocates state lazily, or eagerly for every parameter
+  (frameworks call it before loading a checkpoint);
+* ``load_state_dict`` refuses a state dict saved by another optimizer, or for parameters of other shapes,
+  *before* touching anything, and keeps the state dtype the optimizer chose (torch would cast every state
+  tensor to the parameter dtype, silently turning fp32 state of bf16 parameters into bf16).
+
+Subclasses implement :meth:`EmergingOptimizer._init_param_state` and :meth:`EmergingOptimizer._step_group`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["EmergingOptimizer", "ParamsT"]
+
+ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts, as torch.optim accepts
+
+
+class EmergingOptimizer(torch.optim.Optimizer):
+    """Base class: closures, grad checks, lazy state, validated ``load_state_dict``."""
+
+    # ------------------------------------------------------------------ subclass interface
+    def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """Fresh state for ``p`` (must also work for a tensor on the ``meta`` device)."""
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Update ``params`` (the params of ``group`` that have a gradient, state already created)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ torch.optim interface
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = self._init_group(group)
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _init_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> list[torch.Tensor]:
+        """Create missing state for the group's params and return those that have a gradient.
+
+        With ``skip_non_grad_params=False`` state is created for every param, gradient or not.
+        """
+        with_grad = []
+        for p in group["params"]:
+            if p.grad is not None:
+                self._check_grad(p)
+                with_grad.append(p)
+            elif skip_non_grad_params:
+                continue
+            if not self.state[p]:
+                self.state[p].update(self._init_param_state(p, group))
+        return with_grad
+
+    def _check_grad(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        assert grad is not None
+        if grad.is_sparse:
+            raise ValueError(
+                f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                "use dense gradients, e.g. nn.Embedding(..., sparse=False)."
+            )
+        if grad.is_complex() or p.is_complex():
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters or gradients (parameter of shape "
+                f"{tuple(p.shape)}, dtype {p.dtype}); optimize torch.view_as_real(p) instead."
+            )
+        if grad.shape != p.shape:
+            raise ValueError(
+                f"gradient of shape {tuple(grad.shape)} does not match its parameter of shape {tuple(p.shape)}."
+            )
+
+    def iter_params(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """(group, param) for every param of every group."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking it fits this optimizer; on any mismatch raise and change nothing."""
+        self._check_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # Re-cast from the saved tensors to the dtype this optimizer keeps its state in (see module doc).
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, pid in zip(params, saved_ids):
+            if pid not in saved_state:
+                continue
+            spec = self._init_param_state(torch.empty_like(p, device="meta"), self._group_of(p))
+            for key, value in saved_state[pid].items():
+                ref = spec.get(key)
+                if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=ref.dtype, copy=True)
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'.")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}."
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = sorted(k for k in group if k not in ("params", "param_names") and k not in saved)
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {gi} of the state dict lacks {', '.join(missing)}; "
+                    "it was probably saved by a different optimizer."
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {gi} has {len(saved['params'])} params in the state "
+                    f"dict and {len(group['params'])} here."
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for pid, p in zip(saved["params"], group["params"]):
+                saved_state = state_dict["state"].get(pid)
+                if not saved_state:
+                    continue
+                spec = self._init_param_state(torch.empty_like(p, device="meta"), merged)
+                if set(saved_state) != set(spec):
+                    raise ValueError(
+                        f"{name}.load_state_dict: state of param {pid} (shape {tuple(p.shape)}) has keys "
+                        f"{sorted(saved_state)}, expected {sorted(spec)}; it was probably saved by a "
+                        "different optimizer or with other options."
+                    )
+                for key, ref in spec.items():
+                    value = saved_state[key]
+                    if isinstance(ref, torch.Tensor) != isinstance(value, torch.Tensor):
+                        raise ValueError(f"{name}.load_state_dict: state {key!r} of param {pid} has the wrong type.")
+                    if isinstance(ref, torch.Tensor) and tuple(value.shape) != tuple(ref.shape):
+                        raise ValueError(
+                            f"{name}.load_state_dict: state {key!r} of param {pid} has shape {tuple(value.shape)}, "
+                            f"expected {tuple(ref.shape)} for a parameter of shape {tuple(p.shape)}."
+                        )
