@@ -153,9 +153,6 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, fused: bool | None = None,
                  fp32_state: bool = False) -> None:
-        check_nonneg("lr", defaults["lr"])
-        check_nonneg("weight_decay", defaults["weight_decay"])
-        check_weight_decay_method(defaults["weight_decay_method"])
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r}; use None (auto), True or False.")
         if fp32_state not in (True, False):
@@ -163,7 +160,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         defaults = dict(defaults, fused=fused, fp32_state=fp32_state)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            self._check_group(group)
+            self._validate_group(group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
         self._fuse_failed = False
@@ -195,8 +192,18 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_fuse_failed"):  # groups added after construction
-            self._check_group(self.param_groups[-1])
+        if hasattr(self, "_fuse_failed"):  # groups added after construction: refuse an invalid one whole
+            try:
+                self._validate_group(self.param_groups[-1])
+            except ValueError:
+                self.param_groups.pop()
+                raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonneg("lr", group["lr"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_weight_decay_method(group["weight_decay_method"])
+        self._check_group(group)
 
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = torch.float32 if group["fp32_state"] and p.dtype in (torch.bfloat16, torch.float16) else p.dtype

@@ -1,0 +1,58 @@
+"""The table of optimizers that every contract test runs (tests/test_contract.py).
+
+A case builds its optimizer from a list of params or param groups. ``matrix_only`` cases get a model
+without biases (their update needs >= 2-D params); ``fused`` cases also run their compiled fast path.
+Add a row here when adding an optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import emerging_optimizers as eo
+from emerging_optimizers.compat import mxnet
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: Callable[..., torch.optim.Optimizer]  # build(params, **overrides)
+    lr: float  # a learning rate that makes the fixed problem's loss fall within 40 steps
+    matrix_only: bool = False
+    fused: bool = False
+    fp32_state: bool = False  # accepts fp32_state=True (float32 state for low-precision params)
+    lr_arg: str = "lr"  # the constructor's name for the learning rate
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _scalar(name: str, lr: float, fused: bool = True, **kw: Any) -> Case:
+    """A scalar optimizer; ``fused`` marks the one case per kernel whose compiled path is tested (compiling
+    costs seconds per kernel, so each kernel is compiled once in the suite)."""
+    cls = eo.get_optimizer_cls(name)
+    return Case(name if not kw else f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}",
+                lambda params, cls=cls, kw=kw, **o: cls(params, **{"fused": False, **kw, **o}), lr, fused=fused,
+                fp32_state=True)
+
+
+CASES: list[Case] = [
+    _scalar("adam", 3e-2, fused=False),
+    _scalar("adam", 3e-2, nesterov=True, weight_decay=0.1, weight_decay_method="l2"),
+    _scalar("adamw", 3e-2, fused=False),
+    _scalar("ademamix", 2e-2, num_alpha_warmup_steps=5, num_beta_slow_warmup_steps=5),
+    _scalar("sim_ademamix", 2e-3, betas=(0.9, 0.999)),
+    _scalar("laprop", 3e-2),
+    _scalar("laprop", 3e-2, fused=False, frob_normalize=True),
+    _scalar("lion", 1e-2),
+    _scalar("signum", 1e-2, nesterov=True, weight_decay=0.01, weight_decay_method="independent"),
+    _scalar("signum", 1e-2, fused=False, momentum=0.0),
+    _scalar("rmsprop", 1e-2),
+    _scalar("madam", 3e-2, weight_decay=0.01, weight_decay_method="palm"),
+    Case("mxnet_signum", lambda params, **o: mxnet.Signum(params, **{"learning_rate": 1e-2, **o}), 1e-2,
+         lr_arg="learning_rate"),
+    Case("mxnet_signum-sgd", lambda params, **o: mxnet.Signum(params, **{"momentum": 0.0, "wd": 1e-3, **o}), 1e-2,
+         lr_arg="learning_rate"),
+]
