@@ -3,7 +3,16 @@
 Importing the package registers every optimizer (see :mod:`emerging_optimizers.registry`).
 """
 
-from emerging_optimizers import compat, mixin, registry, scalar_optimizers, utils
+from emerging_optimizers import (
+    compat,
+    contrib,
+    mixin,
+    orthogonalized_optimizers,
+    registry,
+    scalar_optimizers,
+    utils,
+    weight_update_hooks,
+)
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
@@ -11,6 +20,7 @@ from emerging_optimizers.registry import (
     get_optimizer_name_list,
     register_optimizer,
 )
+from emerging_optimizers.orthogonalized_optimizers import Muon, OrthogonalizedOptimizer
 from emerging_optimizers.scalar_optimizers import (
     Adam,
     AdamW,
@@ -27,7 +37,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compat",
+    "contrib",
     "mixin",
+    "orthogonalized_optimizers",
+    "weight_update_hooks",
     "registry",
     "scalar_optimizers",
     "utils",
@@ -37,6 +50,8 @@ __all__ = [
     "get_optimizer_cls",
     "get_optimizer_name_list",
     "register_optimizer",
+    "Muon",
+    "OrthogonalizedOptimizer",
     "Adam",
     "AdamW",
     "AdEMAMix",

@@ -25,6 +25,7 @@ class Case:
     matrix_only: bool = False
     fused: bool = False
     fp32_state: bool = False  # accepts fp32_state=True (float32 state for low-precision params)
+    state_in_param_dtype: bool = True  # by default, state tensors take the param dtype (as torch.optim)
     lr_arg: str = "lr"  # the constructor's name for the learning rate
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -55,4 +56,28 @@ CASES: list[Case] = [
          lr_arg="learning_rate"),
     Case("mxnet_signum-sgd", lambda params, **o: mxnet.Signum(params, **{"momentum": 0.0, "wd": 1e-3, **o}), 1e-2,
          lr_arg="learning_rate"),
+]
+
+
+def _matrix(name: str, lr: float, state_in_param_dtype: bool = True, **kw: Any) -> Case:
+    """An orthogonalized optimizer: 2-D params only (the whole-model optimizer takes the rest)."""
+    cls = eo.get_optimizer_cls(name)
+    label = name if not kw else f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
+    return Case(label, lambda params, cls=cls, kw=kw, **o: cls(params, **{**kw, **o}), lr, matrix_only=True,
+                state_in_param_dtype=state_in_param_dtype)
+
+
+CASES += [
+    _matrix("muon", 0.05),
+    _matrix("muon", 0.05, nesterov=True, weight_decay_method="l2", coefficient_type="polar_express"),
+    _matrix("muon", 0.05, scale_mode="shape_scaling", fp32_matmul_prec="highest"),
+    _matrix("scion", 0.05),
+    _matrix("scion", 0.02, weight_decay=0.0, nesterov=True),
+    _matrix("polargrad", 0.5),
+    _matrix("mop", 0.5),
+    _matrix("spel", 0.05),
+    _matrix("adaptive_muon", 0.003),
+    _matrix("adaptive_muon", 0.02, moment2_method="normuon"),
+    _matrix("adaptive_muon", 0.02, moment2_method="namo"),
+    _matrix("muown", 0.02, state_in_param_dtype=False),  # Muown keeps its factorized state in float32
 ]

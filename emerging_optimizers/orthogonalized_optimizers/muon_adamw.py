@@ -1,0 +1,492 @@
+r"""MuonAdamW: one optimizer for a whole model, orthogonalized updates for hidden matrices and AdamW elsewhere.
+
+Muon and its relatives (:class:`OrthogonalizedOptimizer` subclasses) update matrices only; the usual recipe
+(Keller Jordan's Muon; Moonlight, arXiv:2502.16982) trains the hidden matrices with Muon and the embeddings,
+the output head, norms and biases with AdamW (arXiv:1711.05101). ``MuonAdamW`` does this in one optimizer:
+
+* **matrix side** (hidden matrices, conv kernels): the ``matrix_optimizer``'s step, e.g. Muon's
+  :math:`M \leftarrow \mu M + (1-\mu) g,\; W \leftarrow W - \eta\, \mathrm{NS}_5(M)\, s(m, n)`, with ``lr``,
+  ``momentum``, ``weight_decay`` and ``matrix_kwargs``;
+* **adamw side** (everything else): :class:`~emerging_optimizers.scalar_optimizers.AdamW` with ``adamw_lr``,
+  ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` and ``adamw_kwargs``.
+
+Routing rule (:func:`default_route`, overridable with ``route=callable(name, param) -> "matrix" | "adamw"``):
+a parameter goes to the matrix side iff
+
+1. it is a real matrix: floating point, ``ndim >= 2``, and its ``[shape[0], -1]`` view has at least 2 rows and
+   2 columns (a ``[1, 1, d]`` class token or a ``[1, n, d]`` position table is a vector in disguise);
+2. no component of its dotted name contains ``"embed"`` or is one of :data:`EMBEDDING_NAMES`
+   (``wte``, ``wpe``, ``tok_emb``, ...), and its own name does not contain ``"token"`` (``cls_token``,
+   ``register_tokens``);
+3. no component of its name is one of :data:`HEAD_NAMES` (``head``, ``lm_head``, ``classifier``, ...), and the
+   module that owns it is not named ``output`` (Llama's head ``output.weight``; BERT's hidden
+   ``attention.output.dense.weight`` stays a matrix);
+4. with an ``nn.Module`` as ``params``, it is not the weight of an ``nn.Embedding`` / ``nn.EmbeddingBag``.
+
+Names are only known when ``params`` is ``model.named_parameters()`` (preferred), an ``nn.Module``, or groups of
+``(name, tensor)`` pairs; plain tensors are routed by rule 1 only (``route`` then gets ``""`` as the name).
+:meth:`MuonAdamW.summary` prints where every parameter went and why.
+
+Param groups. ``params`` may be param groups (dicts). A group may pin its side with ``"side": "matrix" |
+"adamw"`` (or Keller Jordan's ``"use_muon": True | False``); a pinned group's options are that side's own
+(``lr``, ``betas``, ... for AdamW; ``adamw_``-prefixed names are accepted there too). An unpinned group is split
+by the rule: its plain options (``lr``, ``momentum``, ``weight_decay``, Muon options) apply to its matrices,
+``adamw_``-prefixed ones (``adamw_lr``, ``adamw_betas``, ...) to its other params, ``fp32_state`` to both.
+Internally every group holds one side only and carries ``"side"``; ``param_groups`` is the one list of these
+groups (the inner optimizers hold the same dict objects), so ``state_dict()`` / ``load_state_dict()`` and LR
+schedulers work on ``MuonAdamW`` itself. A scheduler scales every group's ``lr`` by the same factor, so the
+ratio of the two sides' learning rates is kept.
+
+Defaults and why. ``matrix_optimizer="muon"`` with Muon's own options (spectral scaling, so the matrix update
+has RMS about 1, and ``lr`` is comparable to an AdamW learning rate); ``lr=0.02``, ``momentum=0.95``,
+``weight_decay=0.01``; ``adamw_lr=3e-3``, ``adamw_betas=(0.9, 0.95)``, ``adamw_eps=1e-8``,
+``adamw_weight_decay=0.0``. The learning rates come from a sweep on the MLP / scikit-learn digits task of
+``tests/test_convergence.py`` (see its docstring for the grid and the losses).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from emerging_optimizers import registry
+from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.orthogonalized_optimizers.muon import Muon  # noqa: F401 - registers "muon"
+from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import OrthogonalizedOptimizer
+from emerging_optimizers.registry import register_optimizer
+from emerging_optimizers.scalar_optimizers.adam import AdamW
+
+__all__ = ["MuonAdamW", "SideT", "RouteFn", "default_route", "matrix_optimizer_names", "EMBEDDING_NAMES",
+           "HEAD_NAMES"]
+
+SideT = Literal["matrix", "adamw"]
+SIDES: tuple[str, ...] = get_args(SideT)
+RouteFn = Callable[[str, torch.Tensor], str]
+
+#: Name components that mark an embedding table (besides any component containing ``"embed"``).
+EMBEDDING_NAMES: tuple[str, ...] = ("wte", "wpe", "emb", "tok_emb", "pos_emb", "word_emb")
+#: Name components that mark an output head (anywhere in the name: ``head.fc.weight`` is a head too).
+HEAD_NAMES: tuple[str, ...] = ("head", "lm_head", "classifier", "cls_head", "out_head", "output_head")
+#: Names of a module that is an output head when it owns the parameter directly (``output.weight``).
+OUTPUT_OWNER_NAMES: tuple[str, ...] = ("output",)
+
+_PREFIX = "adamw_"
+_SHARED_KEYS = ("fp32_state",)  # options of an unpinned group that apply to both sides
+_PIN_KEYS = ("side", "use_muon")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- routing rule
+def _is_matrix(p: torch.Tensor) -> bool:
+    return p.is_floating_point() and p.ndim >= 2 and p.shape[0] >= 2 and p.numel() // p.shape[0] >= 2
+
+
+def _route_with_reason(name: str, p: torch.Tensor, embedding_module: bool = False) -> tuple[SideT, str]:
+    """:func:`default_route` and the reason for its answer (shown by :meth:`MuonAdamW.summary`)."""
+    if not _is_matrix(p):
+        if not p.is_floating_point():
+            return "adamw", str(p.dtype).removeprefix("torch.")
+        return "adamw", f"{p.ndim}-D" if p.ndim < 2 else "vector-shaped"
+    if embedding_module:
+        return "adamw", "nn.Embedding"
+    parts = name.lower().split(".") if name else []
+    for part in parts:
+        if "embed" in part or part in EMBEDDING_NAMES:
+            return "adamw", f"embedding ({part!r})"
+    if parts and "token" in parts[-1]:
+        return "adamw", f"token ({parts[-1]!r})"
+    for part in parts:
+        if part in HEAD_NAMES:
+            return "adamw", f"output head ({part!r})"
+    if len(parts) >= 2 and parts[-2] in OUTPUT_OWNER_NAMES:
+        return "adamw", f"output head ({parts[-2]!r})"
+    return "matrix", "hidden matrix"
+
+
+def default_route(name: str, param: torch.Tensor) -> SideT:
+    """The default rule (module docstring): ``"matrix"`` for hidden matrices, ``"adamw"`` for the rest."""
+    return _route_with_reason(name, param)[0]
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def matrix_optimizer_names() -> list[str]:
+    """Registered names usable as ``matrix_optimizer`` (the :class:`OrthogonalizedOptimizer` subclasses)."""
+    importlib.import_module("emerging_optimizers.orthogonalized_optimizers")  # registers the whole family
+    names = []
+    for name in registry.get_optimizer_name_list():
+        cls = registry.get_optimizer_cls(name)
+        if isinstance(cls, type) and issubclass(cls, OrthogonalizedOptimizer):
+            names.append(name)
+    return names
+
+
+def _matrix_cls(spec: Any) -> type[OrthogonalizedOptimizer]:
+    if isinstance(spec, type):
+        if issubclass(spec, OrthogonalizedOptimizer):
+            return spec
+        raise TypeError(f"Invalid matrix_optimizer: {spec.__name__} is not an OrthogonalizedOptimizer subclass; "
+                        f"use one of {', '.join(matrix_optimizer_names())} or such a class.")
+    valid = matrix_optimizer_names()
+    if not isinstance(spec, str) or spec not in valid:
+        raise ValueError(f"Invalid matrix_optimizer: {spec!r}; choose one of {', '.join(map(repr, valid))} "
+                         "(the registered orthogonalized optimizers) or pass an OrthogonalizedOptimizer subclass.")
+    return registry.get_optimizer_cls(spec)  # type: ignore[return-value]
+
+
+def _check_kwargs(arg: str, kwargs: dict[str, Any] | None, cls: type, reserved: dict[str, str]) -> dict[str, Any]:
+    """``kwargs`` for ``cls``: a dict, none of ``reserved`` (which MuonAdamW sets itself), all accepted by ``cls``."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"Invalid {arg}: expected a dict of {cls.__name__} arguments, got {type(kwargs).__name__}.")
+    for key, own in reserved.items():
+        if key in kwargs:
+            raise TypeError(f"{arg} sets {key!r}; pass it as MuonAdamW's {own}=... instead.")
+    var_kw = any(q.kind is q.VAR_KEYWORD for q in inspect.signature(cls.__init__).parameters.values())
+    valid = registry.valid_kwargs(cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown and not var_kw:
+        raise TypeError(f"{arg} has unexpected argument(s) {', '.join(unknown)} for {cls.__name__}; valid "
+                        f"arguments: {', '.join(k for k in valid if k not in reserved)}.")
+    return dict(kwargs)
+
+
+def _pin_of(group: dict[str, Any], where: str) -> SideT | None:
+    side = group.get("side")
+    if side is not None and side not in SIDES:
+        raise ValueError(f"Invalid side {side!r} in {where}; use 'matrix' or 'adamw' (or leave it out to route "
+                         "by the rule).")
+    use_muon = group.get("use_muon")
+    if use_muon is not None:
+        if not isinstance(use_muon, bool):
+            raise ValueError(f"Invalid use_muon {use_muon!r} in {where}; use True (matrix side) or False (adamw side).")
+        if side is not None and side != ("matrix" if use_muon else "adamw"):
+            raise ValueError(f"{where} sets side={side!r} and use_muon={use_muon}, which disagree; give one of them.")
+        side = "matrix" if use_muon else "adamw"
+    return side  # type: ignore[return-value]
+
+
+def _named_items(group: dict[str, Any], where: str) -> list[tuple[str | None, torch.Tensor]]:
+    """The group's params as ``(name or None, tensor)``."""
+    params = group.get("params")
+    if params is None:
+        raise ValueError(f"{where} has no 'params'.")
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError(f"'params' of {where} is a set, whose order changes between runs; use a list.")
+    items: list[tuple[str | None, torch.Tensor]] = []
+    for item in params:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            items.append((item[0], item[1]))
+        else:
+            items.append((None, item))
+    names = group.get("param_names")
+    if names is not None and all(n is None for n, _ in items) and len(names) == len(items):
+        items = [(str(n), p) for n, (_, p) in zip(names, items)]
+    for _, p in items:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where} holds a {type(p).__name__}; optimizers take tensors (or (name, tensor) pairs).")
+    return items
+
+
+class _Split:
+    """One user group cut into one-side groups, with what the user set, for checks after construction."""
+
+    def __init__(self, index: int, pinned: SideT | None) -> None:
+        self.index = index
+        self.pinned = pinned
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.user_keys: dict[str, set[str]] = {}
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+@register_optimizer("muon_adamw")
+class MuonAdamW(EmergingOptimizer):
+    """Orthogonalized updates for hidden matrices, AdamW for embeddings, heads, norms and biases (module doc).
+
+    Args:
+        params: ``model.named_parameters()`` (preferred: names drive the rule), an ``nn.Module``, tensors, or
+            param groups (see the module docstring for ``side`` / ``use_muon`` and ``adamw_`` options).
+        lr: learning rate of the matrix side (0.02).
+        momentum: momentum of the matrix side (0.95).
+        weight_decay: weight decay of the matrix side (0.01, decoupled).
+        adamw_lr: learning rate of the adamw side (3e-3).
+        adamw_betas: AdamW's betas ((0.9, 0.95), the usual choice for transformers).
+        adamw_eps: AdamW's eps (1e-8).
+        adamw_weight_decay: AdamW's weight decay (0.0: norms, biases and embeddings are usually not decayed).
+        matrix_optimizer: a registered orthogonalized optimizer (``"muon"``, ``"scion"``, ... see
+            :func:`matrix_optimizer_names`) or an :class:`OrthogonalizedOptimizer` subclass.
+        matrix_kwargs: further arguments of the matrix optimizer (``nesterov``, ``num_ns_steps``, ...).
+        adamw_kwargs: further arguments of :class:`~emerging_optimizers.scalar_optimizers.AdamW` (``nesterov``,
+            ``fused``, ``weight_decay_method``, ...).
+        route: ``route(name, param) -> "matrix" | "adamw"`` replacing :func:`default_route` for unpinned groups.
+        fp32_state: keep both sides' state in float32 for bf16/fp16 params (AdamW's ``fp32_state``; Muon's
+            momentum, unless ``momentum_dtype`` is set).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.01,
+        *,
+        adamw_lr: float = 3e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        matrix_optimizer: str | type[OrthogonalizedOptimizer] = "muon",
+        matrix_kwargs: dict[str, Any] | None = None,
+        adamw_kwargs: dict[str, Any] | None = None,
+        route: RouteFn | None = None,
+        fp32_state: bool = False,
+    ) -> None:
+        matrix_cls = _matrix_cls(matrix_optimizer)
+        matrix_kwargs = _check_kwargs("matrix_kwargs", matrix_kwargs, matrix_cls,
+                                      {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"})
+        adamw_kwargs = _check_kwargs("adamw_kwargs", adamw_kwargs, AdamW,
+                                     {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps",
+                                      "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state"})
+        if route is not None and not callable(route):
+            raise TypeError(f"Invalid route: expected a callable route(name, param) -> 'matrix' | 'adamw', got "
+                            f"{type(route).__name__}.")
+        if not isinstance(fp32_state, bool):
+            raise ValueError(f"Invalid fp32_state: {fp32_state!r}; use True or False.")
+        self._route = route
+        self._reasons: dict[int, str] = {}
+        self._fp32_state = fp32_state
+        user_groups, self._embedding_ids = self._user_groups(params)
+        splits = [self._split(i, g, f"param group {i}") for i, g in enumerate(user_groups)]
+
+        def side_groups(side: str) -> list[dict[str, Any]]:
+            return [s.groups[side] for s in splits if side in s.groups]
+
+        matrix = self._build(matrix_cls, side_groups("matrix"),
+                             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, **matrix_kwargs))
+        adamw = self._build(AdamW, side_groups("adamw"),
+                            dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
+                                 fp32_state=fp32_state, **adamw_kwargs))
+        self._inner: dict[str, EmergingOptimizer] = {"matrix": matrix, "adamw": adamw}
+        for s in splits:
+            self._check_split(s)
+        self._constructing = True
+        super().__init__([g for s in splits for g in s.groups.values()], {})
+        self._constructing = False
+        self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
+                             adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                             adamw_weight_decay=adamw_weight_decay, fp32_state=fp32_state)
+        self._sync_inner()
+
+    # ------------------------------------------------------------------ the two inner optimizers
+    @property
+    def matrix_optimizer(self) -> OrthogonalizedOptimizer:
+        """The matrix side's optimizer (its ``param_groups`` are this optimizer's matrix groups; step this one)."""
+        return self._inner["matrix"]  # type: ignore[return-value]
+
+    @property
+    def adamw(self) -> AdamW:
+        """The adamw side's optimizer (its ``param_groups`` are this optimizer's adamw groups)."""
+        return self._inner["adamw"]  # type: ignore[return-value]
+
+    @staticmethod
+    def _build(cls: type, groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> EmergingOptimizer:
+        """``cls(groups, **kwargs)``; with no groups, built on an empty group then emptied (validates kwargs)."""
+        opt = cls(groups or [{"params": []}], **kwargs)
+        if not groups:
+            opt.param_groups.clear()
+        return opt  # type: ignore[no-any-return]
+
+    def _sync_inner(self) -> None:
+        """Point the inner optimizers at this optimizer's groups and state (after construction and loading)."""
+        for side, inner in self._inner.items():
+            inner.param_groups = [g for g in self.param_groups if g["side"] == side]
+            inner.state = self.state
+
+    # ------------------------------------------------------------------ routing and group splitting
+    @staticmethod
+    def _user_groups(params: ParamsT) -> tuple[list[dict[str, Any]], set[int]]:
+        """User param groups (dicts) and the ids of nn.Embedding weights (when ``params`` is a module)."""
+        embedding_ids: set[int] = set()
+        if isinstance(params, nn.Module):
+            for module in params.modules():
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                    embedding_ids.update(id(p) for p in module.parameters(recurse=False))
+            params = params.named_parameters()
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, or an nn.Module; "
+                            "got a single tensor: wrap it in a list.")
+        if isinstance(params, dict):
+            params = [params]
+        items = list(params)
+        if not items:
+            raise ValueError("MuonAdamW got an empty parameter list.")
+        if not isinstance(items[0], dict):
+            return [{"params": items}], embedding_ids
+        if not all(isinstance(g, dict) for g in items):
+            raise TypeError("params mixes param groups (dicts) with tensors; put every tensor in a group.")
+        return [dict(g) for g in items], embedding_ids
+
+    def _decide(self, name: str | None, p: torch.Tensor, where: str) -> SideT:
+        if self._route is None:
+            side, reason = _route_with_reason(name or "", p, id(p) in self._embedding_ids)
+        else:
+            side, reason = self._route(name or "", p), "route()"  # type: ignore[assignment]
+            if side not in SIDES:
+                raise ValueError(f"route({name or ''!r}, <{tuple(p.shape)} tensor>) returned {side!r} for a param of "
+                                 f"{where}; it must return 'matrix' or 'adamw'.")
+        self._reasons[id(p)] = reason
+        return side
+
+    def _split(self, index: int, group: dict[str, Any], where: str) -> _Split:
+        """Cut one user group into a matrix group and an adamw group (module docstring, "Param groups")."""
+        pinned = _pin_of(group, where)
+        split = _Split(index, pinned)
+        opts = {k: v for k, v in group.items() if k not in ("params", "param_names", *_PIN_KEYS)}
+        plain = {k: v for k, v in opts.items() if not k.startswith(_PREFIX)}
+        prefixed = {k[len(_PREFIX):]: v for k, v in opts.items() if k.startswith(_PREFIX)}
+        if pinned == "matrix":
+            if prefixed:
+                raise ValueError(f"{where} is pinned to the matrix side but sets "
+                                 f"{', '.join(_PREFIX + k for k in sorted(prefixed))}; drop them (or the pin).")
+            side_opts = {"matrix": plain}
+        elif pinned == "adamw":
+            both = sorted(set(plain) & set(prefixed))
+            if both:
+                raise ValueError(f"{where} sets both {both[0]!r} and {_PREFIX + both[0]!r}; give one of them.")
+            side_opts = {"adamw": {**plain, **prefixed}}
+        else:
+            shared = {k: v for k, v in plain.items() if k in _SHARED_KEYS}
+            side_opts = {"matrix": plain, "adamw": {**shared, **prefixed}}
+        members: dict[str, list[Any]] = {side: [] for side in side_opts}
+        for name, p in _named_items(group, where):
+            if pinned is None:
+                side = self._decide(name, p, where)
+            else:
+                side = pinned
+                self._reasons[id(p)] = "pinned"
+            if side == "matrix" and (p.ndim < 2 or not p.is_floating_point()):
+                how = "pinned to" if pinned else "routed by route() to"
+                raise ValueError(f"param {name or ''!r} of shape {tuple(p.shape)} ({p.dtype}) in {where} is {how} the "
+                                 "matrix side, which updates floating-point matrices only (ndim >= 2); put it on the "
+                                 "adamw side (side='adamw', or fix route).")
+            members[side].append(p if name is None else (name, p))
+        for side, opts_ in side_opts.items():
+            if members[side] or pinned is not None:
+                split.groups[side] = {"params": members[side], **opts_, "side": side}
+                split.user_keys[side] = set(opts_)
+        for g in split.groups.values():
+            g.setdefault("fp32_state", self._fp32_state)
+        return split
+
+    def _check_split(self, split: _Split) -> None:
+        """Refuse options given to the wrong side (after the inner optimizers filled in their defaults)."""
+        where = f"param group {split.index}"
+        matrix_keys, adamw_keys = set(self._inner["matrix"].defaults), set(self._inner["adamw"].defaults)
+        for key in split.user_keys.get("matrix", set()) - set(_SHARED_KEYS):
+            if key in adamw_keys and key not in matrix_keys:
+                fix = (f"write {_PREFIX + key}=... for its non-matrix params" if split.pinned is None
+                       else "it is an AdamW option")
+                raise ValueError(f"{where} sets {key!r}, which {type(self.matrix_optimizer).__name__} does not take; "
+                                 f"{fix} (or pin the group with side='adamw').")
+        for key in split.user_keys.get("adamw", ()):
+            if key in matrix_keys and key not in adamw_keys:
+                raise ValueError(f"{where} is pinned to the adamw side but sets {key!r}, an option of "
+                                 f"{type(self.matrix_optimizer).__name__}; drop it (or the pin).")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: split and validated like the constructor's groups; on error nothing is added."""
+        if getattr(self, "_constructing", True):  # torch's constructor adding the already-split groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
+        split = self._split(len(self.param_groups), dict(param_group), "the added param group")
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        named = "param_names" in self.param_groups[0] if self.param_groups else None
+        added: list[dict[str, Any]] = []
+        try:
+            for side, group in split.groups.items():
+                if any(id(p[1] if isinstance(p, tuple) else p) in known for p in group["params"]):
+                    raise ValueError("some parameters appear in more than one parameter group")
+                if named is not None and any(isinstance(p, tuple) for p in group["params"]) != named and group["params"]:
+                    raise ValueError("all param groups must be given with names or all without "
+                                     "(model.named_parameters() vs model.parameters()).")
+                self._inner[side].add_param_group(group)
+                added.append(group)
+            self._check_split(split)
+        except Exception:
+            for group in added:
+                inner = self._inner[group["side"]]
+                inner.param_groups = [g for g in inner.param_groups if g is not group]
+            raise
+        self.param_groups.extend(added)
+
+    # ------------------------------------------------------------------ EmergingOptimizer interface
+    def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        side = group["side"]
+        if side == "matrix" and group.get("fp32_state") and group.get("momentum_dtype") is None \
+                and p.dtype in _LOW_PRECISION:
+            group = {**group, "momentum_dtype": torch.float32}
+        return self._inner[side]._init_param_state(p, group)
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._inner[group["side"]]._step_group(group, params)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of a MuonAdamW with the same routing (checked first; on a mismatch nothing changes)."""
+        super().load_state_dict(state_dict)
+        self._sync_inner()
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
+            saved = state_dict["param_groups"]
+            if not all(isinstance(g, dict) and g.get("side") in SIDES for g in saved):
+                raise ValueError("MuonAdamW.load_state_dict: the state dict's param groups have no 'side' tag; it was "
+                                 "probably saved by a different optimizer.")
+            if len(saved) == len(self.param_groups):
+                for i, (s, g) in enumerate(zip(saved, self.param_groups)):
+                    if s["side"] != g["side"]:
+                        raise ValueError(f"MuonAdamW.load_state_dict: param group {i} is a {s['side']!r} group in the "
+                                         f"state dict and a {g['side']!r} group here; build the optimizer with the "
+                                         "same params, groups and route as the one that saved it.")
+        super()._check_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        """A table of every parameter: group, side, name, shape, dtype, current lr and weight decay, and why."""
+        header = ("group", "side", "name", "shape", "dtype", "lr", "weight_decay", "why")
+        rows: list[tuple[str, ...]] = []
+        totals = {side: [0, 0] for side in SIDES}
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"]):
+                shape = "x".join(map(str, p.shape)) or "scalar"
+                rows.append((str(gi), group["side"], name or f"<param {index}>", shape,
+                             str(p.dtype).removeprefix("torch."), f"{group['lr']:.4g}",
+                             f"{group['weight_decay']:.4g}", self._reasons.get(id(p), "")))
+                totals[group["side"]][0] += 1
+                totals[group["side"]][1] += p.numel()
+                index += 1
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            f"{type(self).__name__}: matrix side ({type(self.matrix_optimizer).__name__}) {totals['matrix'][0]} "
+            f"tensors, {totals['matrix'][1]:,} elements; adamw side (AdamW) {totals['adamw'][0]} tensors, "
+            f"{totals['adamw'][1]:,} elements",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        counts = {side: sum(len(g["params"]) for g in self.param_groups if g["side"] == side) for side in SIDES}
+        head = (f"{type(self).__name__}(matrix_optimizer={type(self.matrix_optimizer).__name__}: "
+                f"{counts['matrix']} params, AdamW: {counts['adamw']} params; see .summary())")
+        return head + "\n" + super().__repr__()

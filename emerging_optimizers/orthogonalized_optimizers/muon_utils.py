@@ -1,0 +1,453 @@
+r"""Newton-Schulz orthogonalization: map :math:`X = U \Sigma V^\top` to about :math:`U V^\top`.
+
+Each step applies an odd polynomial to the singular values of :math:`X` (a, b, c from a coefficient set)::
+
+    A <- X X^T ;  X <- a X + (b A + c A^2) X        (c == 0: the cubic step X <- a X + b A X)
+
+after normalising :math:`X_0 = X / \max(\lVert X\rVert_F, \epsilon)` so every singular value is <= 1. A wide
+shape is iterated (``m <= n``), a tall input is transposed first and back at the end.
+
+Coefficient sets (:data:`COEFFICIENT_SETS`, each with how it is iterated past its last tuple):
+``simple`` (Keller Jordan's single tuple), ``quintic`` (five tuples, cycled), ``polar_express``
+(arXiv:2505.16932, with its 1.01 safety factor, the last tuple repeated), ``cans`` (arXiv:2506.10935,
+last repeated), ``aol`` (cycled), ``deepseekv4`` (8 simple steps then 2 of (2, -1.5, 0.5), last repeated),
+``cubic5`` (five cubic steps, exactly 5 steps) and ``custom`` (yours, ``custom_coefficient_sets``, cycled
+unless ``iter_mode`` says otherwise).
+
+Three ways to compute the *same* iteration (``method``); ``"auto"`` (the default) picks the cheapest
+for the shape with a FLOP model (:func:`ns_flop_model`):
+
+* ``"plain"``: the textbook step above, three GEMMs per step (the reference for the others).
+* ``"symmetric"``: the same step, but ``X X^T`` and ``A^2`` are symmetric, so only their upper block
+  triangle is multiplied and mirrored (about 0.6-0.75 of the work of those two products).
+* ``"gram"``: for a wide :math:`m \times n` input, :math:`X_k = Q_k X_0` where :math:`Q_k` is a polynomial
+  in :math:`G = X_0 X_0^\top`, and :math:`A_k = Q_k^2 G`. With :math:`P_k = a I + b A_k + c A_k^2`:
+  :math:`Q_{k+1} = P_k Q_k` and :math:`A_{k+1} = P_k (P_k A_k)`, all symmetric :math:`m \times m` products;
+  only ``G`` and :math:`Q X_0` touch the :math:`m \times n` matrix. Rounding errors of that recursion grow
+  with the product of the steps' polynomials (an unbroken 10-step ``deepseekv4`` run diverges on a low-rank
+  input), so it restarts from :math:`X_k = Q_k X_0` once the product of the segment's ``|a|`` would pass
+  :data:`GRAM_GROWTH` (:data:`GRAM_FIRST_GROWTH` for the first segment; quintic runs as 3 + 2 steps). A
+  segment of L >= 2 steps costs :math:`2 m^2 n + (4L - 3) m^3` multiply-adds (before the symmetric saving)
+  instead of :math:`L (4 m^2 n + 2 m^3)`. ``"auto"`` uses it for wide enough shapes (about ``n >= 1.3 m``)
+  and only with true float32/float64 products.
+
+Compute precision (:func:`ns_compute_dtype`): float64 for float64 input; bfloat16 only when
+``torch.get_float32_matmul_precision() == "medium"`` *and* the tensor is on a CUDA device with bf16 support;
+float32 otherwise, and on CPU the float32 products are made exact (``"highest"`` inside the iteration: with
+``"medium"`` oneDNN silently rounds float32 matmul inputs to bf16 on CPUs with AMX). ``compute_dtype=``
+overrides the choice (e.g. ``torch.bfloat16`` on an AMX CPU, 5-10x faster than float32 there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+
+from emerging_optimizers.utils import fp32_matmul_precision
+
+__all__ = [
+    "newton_schulz",
+    "NSCoeffT",
+    "CoeffIterMode",
+    "NSMethodT",
+    "COEFFICIENT_SETS",
+    "get_coefficient_iterator",
+    "get_coefficients",
+    "ns_compute_dtype",
+    "ns_flop_model",
+]
+
+NSCoeffT = Literal["simple", "quintic", "polar_express", "cans", "aol", "deepseekv4", "custom", "cubic5"]
+CoeffIterMode = Literal["cycle", "repeat_last"]
+NSMethodT = Literal["auto", "plain", "symmetric", "gram"]
+CoeffT = tuple[float, float, float]
+
+_SIMPLE: CoeffT = (3.4445, -4.7750, 2.0315)
+
+#: name -> (tuples, how they continue past the last tuple)
+COEFFICIENT_SETS: dict[str, tuple[tuple[CoeffT, ...], CoeffIterMode]] = {
+    "simple": ((_SIMPLE,), "cycle"),
+    "quintic": (
+        (
+            (4.0848, -6.8946, 2.9270),
+            (3.9505, -6.3029, 2.6377),
+            (3.7418, -5.5913, 2.3037),
+            (2.8769, -3.1427, 1.2046),
+            (2.8366, -3.0525, 1.2012),
+        ),
+        "cycle",
+    ),
+    "polar_express": (
+        (
+            (8.2051, -22.9019, 16.4607),
+            (4.0664, -2.8612, 0.5184),
+            (3.9096, -2.8234, 0.5250),
+            (3.2856, -2.4153, 0.4853),
+            (2.2779, -1.6198, 0.3985),
+            (1.8726, -1.2307, 0.3585),
+            (1.8564, -1.2132, 0.3568),
+            (1.8750, -1.2500, 0.3750),
+        ),
+        "repeat_last",
+    ),
+    "cans": (
+        (
+            (8.4703, -25.1081, 18.6293),
+            (4.1828, -3.1087, 0.5806),
+            (3.9619, -2.9541, 0.5630),
+            (3.2866, -2.4647, 0.5074),
+            (2.2737, -1.6447, 0.4162),
+        ),
+        "repeat_last",
+    ),
+    "aol": (
+        (
+            (4.0098, -7.0585, 2.4635),
+            (3.4585, -5.5479, 2.5959),
+            (2.7573, -3.2939, 1.4254),
+            (2.7215, -3.0494, 1.3169),
+        ),
+        "cycle",
+    ),
+    "deepseekv4": ((_SIMPLE,) * 8 + ((2.0, -1.5, 0.5),) * 2, "repeat_last"),
+    "cubic5": (
+        (
+            (3.3656576, -3.3420992, 0.0),
+            (2.5744352, -1.4957376, 0.0),
+            (2.5368962, -1.4312570, 0.0),
+            (2.4418906, -1.2764040, 0.0),
+            (2.2230472, -0.9630650, 0.0),
+        ),
+        "cycle",
+    ),
+}
+_COEFF_TYPES: tuple[str, ...] = get_args(NSCoeffT)
+_ITER_MODES: tuple[str, ...] = get_args(CoeffIterMode)
+_METHODS: tuple[str, ...] = get_args(NSMethodT)
+_FIXED_STEPS = {"cubic5": 5}
+# Gram segments (module docstring). Inside a segment rounding errors grow with the product of the steps'
+# ``|a|`` (the slope of the step polynomials at 0, the largest eigenvalue of Q); a new segment restarts from
+# X_k = Q_k X_0. The first segment acts on X_0 (||X_0||_F = 1) and may grow by GRAM_FIRST_GROWTH, later ones
+# act on nearly orthogonal matrices and may grow by GRAM_GROWTH. Measured against float64 on low-rank,
+# fast-decaying and square inputs, every coefficient set then stays within ~3x of the plain float32 error;
+# one unbroken segment reaches 4e-3 (quintic, rank 8) and diverges for polar_express and deepseekv4
+# (negative rounding eigenvalues of G grow without bound).
+GRAM_FIRST_GROWTH = 64.0
+GRAM_GROWTH = 16.0
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- coefficients
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"Invalid steps: {steps!r}; the number of Newton-Schulz steps must be an integer >= 0.")
+    return steps
+
+
+def _check_coefficient_sets(sets: object, name: str = "custom_coefficient_sets") -> tuple[CoeffT, ...]:
+    if isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence) or len(sets) == 0:
+        raise ValueError(f"Invalid {name}: {sets!r}; pass a non-empty sequence of (a, b, c) tuples.")
+    out = []
+    for i, t in enumerate(sets):
+        if isinstance(t, (str, bytes)) or not isinstance(t, Sequence) or len(t) != 3:
+            raise ValueError(f"Invalid {name}[{i}]: {t!r}; each entry must be an (a, b, c) tuple of 3 numbers.")
+        for v in t:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Invalid {name}[{i}]: {t!r}; a, b and c must be finite numbers.")
+        out.append((float(t[0]), float(t[1]), float(t[2])))
+    return tuple(out)
+
+
+def get_coefficient_iterator(
+    steps: int, coefficient_sets: Sequence[CoeffT], mode: CoeffIterMode = "cycle"
+) -> Iterator[CoeffT]:
+    """The ``steps`` (a, b, c) tuples to use: ``cycle`` wraps around, ``repeat_last`` repeats the last one."""
+    _check_steps(steps)
+    sets = _check_coefficient_sets(coefficient_sets, "coefficient_sets")
+    if mode == "cycle":
+        return itertools.islice(itertools.cycle(sets), steps)
+    if mode == "repeat_last":
+        return itertools.islice(itertools.chain(sets, itertools.repeat(sets[-1])), steps)
+    raise ValueError(f"Invalid mode: {mode!r}; choose one of {', '.join(map(repr, _ITER_MODES))}.")
+
+
+def get_coefficients(
+    steps: int,
+    coefficient_type: NSCoeffT = "quintic",
+    custom_coefficient_sets: Sequence[CoeffT] | None = None,
+    iter_mode: CoeffIterMode | None = None,
+) -> list[CoeffT]:
+    """Validate a coefficient choice and return the list of ``steps`` (a, b, c) tuples it means.
+
+    ``iter_mode`` overrides how the set continues past its last tuple (``None``: the set's own mode;
+    ``"cycle"`` for custom sets).
+    """
+    _check_steps(steps)
+    if coefficient_type not in _COEFF_TYPES:
+        raise ValueError(
+            f"Invalid coefficient_type: {coefficient_type!r}; choose one of {', '.join(map(repr, _COEFF_TYPES))}."
+        )
+    if iter_mode is not None and iter_mode not in _ITER_MODES:
+        raise ValueError(f"Invalid iter_mode: {iter_mode!r}; choose one of {', '.join(map(repr, _ITER_MODES))} or None.")
+    if coefficient_type == "custom":
+        if custom_coefficient_sets is None:
+            raise ValueError(
+                "coefficient_type='custom' needs custom_coefficient_sets, e.g. [(3.4445, -4.7750, 2.0315)]."
+            )
+        sets, mode = _check_coefficient_sets(custom_coefficient_sets), "cycle"
+    else:
+        if custom_coefficient_sets is not None:
+            raise ValueError(
+                f"custom_coefficient_sets is only used with coefficient_type='custom' (got {coefficient_type!r}); "
+                "pass coefficient_type='custom' or drop custom_coefficient_sets."
+            )
+        sets, mode = COEFFICIENT_SETS[coefficient_type]
+        fixed = _FIXED_STEPS.get(coefficient_type)
+        if fixed is not None and steps != fixed:
+            raise ValueError(f"coefficient_type={coefficient_type!r} is defined for exactly {fixed} steps, got steps={steps}.")
+    return list(get_coefficient_iterator(steps, sets, iter_mode or mode))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- products
+def _sym_blocks(m: int) -> int:
+    """Row blocks of a symmetric product of size ``m`` (measured on CPU: no gain below ~384)."""
+    return 1 if m < 384 else min(8, m // 128)
+
+
+def _sym_factor(m: int) -> float:
+    """Work of a blocked symmetric product relative to a full one, with a 10% allowance for the mirroring."""
+    k = _sym_blocks(m)
+    return 1.0 if k == 1 else min(1.0, (k + 1) / (2 * k) + 0.1)
+
+
+def _sym_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched ``[B, m, k] @ [B, k, m]``) for a product known to be symmetric.
+
+    Valid for ``b = a^T`` and for commuting symmetric ``a``, ``b`` (polynomials in one matrix). Only the
+    upper block triangle is multiplied; the lower one is its mirror, so the result is exactly symmetric.
+    """
+    m = a.shape[-2]
+    k = _sym_blocks(m)
+    if k == 1:
+        return torch.bmm(a, b)
+    out = a.new_empty(a.shape[0], m, m)
+    bounds = [(i * m) // k for i in range(k + 1)]
+    for r0, r1 in itertools.pairwise(bounds):
+        torch.bmm(a[:, r0:r1], b[:, :, r0:], out=out[:, r0:r1, r0:])
+    for r0, r1 in itertools.pairwise(bounds[:-1]):
+        out[:, r1:, r0:r1] = out[:, r0:r1, r1:].mT
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- iterations
+def _ns_plain(x: torch.Tensor, coeffs: Sequence[CoeffT]) -> torch.Tensor:
+    """Reference iteration on ``x`` of shape ``[B, m, n]`` (already normalised)."""
+    for a, b, c in coeffs:
+        gram = torch.bmm(x, x.mT)
+        if c != 0:
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
+        else:
+            x = torch.baddbmm(x, gram, x, beta=a, alpha=b)
+    return x
+
+
+def _ns_symmetric(x: torch.Tensor, coeffs: Sequence[CoeffT]) -> torch.Tensor:
+    """Same iteration; ``X X^T`` and ``A^2`` multiply only their upper block triangle."""
+    for a, b, c in coeffs:
+        gram = _sym_matmul(x, x.mT)
+        poly = _sym_matmul(gram, gram).mul_(c).add_(gram, alpha=b) if c != 0 else gram.mul_(b)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # X <- (a I + b A + c A^2) X: no copy of X for the a X term
+        x = torch.bmm(poly, x)
+    return x
+
+
+def _ns_gram_segment(x: torch.Tensor, coeffs: Sequence[CoeffT]) -> torch.Tensor:
+    """A few steps through ``X_k = Q_k X_0``: only ``m x m`` products inside (module docstring)."""
+    gram = _sym_matmul(x, x.mT)  # A_0 = G
+    q: torch.Tensor | None = None
+    last = len(coeffs) - 1
+    for i, (a, b, c) in enumerate(coeffs):
+        if c != 0:
+            p = _sym_matmul(gram, gram).mul_(c).add_(gram, alpha=b)
+        else:
+            p = gram.mul(b)
+        p.diagonal(dim1=-2, dim2=-1).add_(a)
+        q = p if q is None else _sym_matmul(p, q)
+        if i != last:
+            gram = _sym_matmul(p, _sym_matmul(p, gram))  # A_{k+1} = P_k A_k P_k
+    assert q is not None
+    return torch.bmm(q, x)
+
+
+def _gram_segments(coeffs: Sequence[Any]) -> list[Sequence[Any]]:
+    """Split the steps into Gram segments (see :data:`GRAM_GROWTH`); every segment has >= 1 step."""
+    segments: list[Sequence[Any]] = []
+    start, growth, limit = 0, 1.0, GRAM_FIRST_GROWTH
+    for i, (a, _, _) in enumerate(coeffs):
+        if i > start and growth * abs(a) > limit:
+            segments.append(coeffs[start:i])
+            start, growth, limit = i, 1.0, GRAM_GROWTH
+        growth *= abs(a)
+    if start < len(coeffs):
+        segments.append(coeffs[start:])
+    return segments
+
+
+def _ns_gram(x: torch.Tensor, coeffs: Sequence[CoeffT]) -> torch.Tensor:
+    """The iteration in Gram form, restarted from ``X_k = Q_k X_0`` at every segment (:func:`_gram_segments`)."""
+    for segment in _gram_segments(coeffs):
+        x = _ns_gram_segment(x, segment)
+    return x
+
+
+_IMPLS = {"plain": _ns_plain, "symmetric": _ns_symmetric, "gram": _ns_gram}
+
+# Fixed cost of one product call, in multiply-adds (~5 us of Python and dispatch at ~50 GMAC/s).
+_CALL_OVERHEAD = 2.5e5
+
+
+def ns_flop_model(method: str, m: int, n: int, coeffs: Sequence[CoeffT]) -> float:
+    """Multiply-adds (plus a per-call overhead) of one ``m x n`` iteration (``m <= n``) with ``method``."""
+    s = _sym_factor(m)
+    calls = _sym_blocks(m)
+    quintic = [c != 0 for _, _, c in coeffs]
+    if method == "plain":
+        return sum(2 * m * m * n + (m**3 if q else 0) + (3 if q else 2) * _CALL_OVERHEAD for q in quintic)
+    if method == "symmetric":
+        per = [s * m * m * n + m * m * n + (s * m**3 if q else 0) + (1 + calls * (2 if q else 1)) * _CALL_OVERHEAD
+               for q in quintic]
+        return sum(per)
+    if method == "gram":
+        total = 0.0
+        for seg in _gram_segments(coeffs):
+            last = len(seg) - 1
+            products = sum(int(c != 0) + int(i > 0) + 2 * int(i < last) for i, (_, _, c) in enumerate(seg))
+            total += s * m * m * n + m * m * n + products * (s * m**3 + calls * _CALL_OVERHEAD) + 2 * _CALL_OVERHEAD
+        return total
+    raise ValueError(f"Invalid method: {method!r}; choose one of {', '.join(map(repr, _METHODS))}.")
+
+
+def _choose_method(m: int, n: int, coeffs: Sequence[CoeffT], allow_gram: bool) -> str:
+    candidates = ["plain", "symmetric", "gram"] if allow_gram else ["plain", "symmetric"]
+    return min(candidates, key=lambda meth: ns_flop_model(meth, m, n, coeffs))
+
+
+def ns_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the iteration runs in for ``x`` (see module docstring)."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    if torch.get_float32_matmul_precision() == "medium" and x.is_cuda and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _exact_matmul_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+    """True float32 products on CPU: ``"high"``/``"medium"`` let oneDNN use bf16 on CPUs with AMX."""
+    if dtype == torch.float32 and device.type == "cpu" and torch.get_float32_matmul_precision() != "highest":
+        return fp32_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def _gram_is_safe(device: torch.device, dtype: torch.dtype) -> bool:
+    """The Gram form needs true float32/float64 products (TF32/bf16 rounding breaks its recursion)."""
+    if dtype == torch.float64:
+        return True
+    return dtype == torch.float32 and (device.type == "cpu" or torch.get_float32_matmul_precision() == "highest")
+
+
+# ---------------------------------------------------------------------------------------------- public entry
+def newton_schulz(
+    x: torch.Tensor,
+    steps: int,
+    coefficient_type: NSCoeffT = "quintic",
+    custom_coefficient_sets: Sequence[CoeffT] | None = None,
+    eps: float = 1e-15,
+    transpose: bool | None = None,
+    *,
+    method: NSMethodT = "auto",
+    iter_mode: CoeffIterMode | None = None,
+    normalize_in_double: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Approximately orthogonalize ``x`` (2-D, or a batch ``[..., m, n]`` of matrices) with Newton-Schulz.
+
+    Args:
+        x: float32, bfloat16, float16 or float64 tensor with ``ndim >= 2``; leading dims are a batch.
+        steps: number of iterations (>= 0; 0 returns the normalised input; ``cubic5`` needs exactly 5).
+        coefficient_type: a name in :data:`COEFFICIENT_SETS` or ``"custom"``.
+        custom_coefficient_sets: the (a, b, c) tuples for ``coefficient_type="custom"``.
+        eps: floor of the Frobenius norm used to normalise (an all-zero input gives zeros).
+        transpose: iterate on ``x^T``; ``None`` transposes tall inputs (rows > cols) so the work is on the
+            short side.
+        method: ``"auto"``, ``"plain"``, ``"symmetric"`` or ``"gram"`` (module docstring).
+        iter_mode: override how the coefficient set continues past its last tuple.
+        normalize_in_double: reduce the Frobenius norm in float64.
+        compute_dtype: force the compute dtype (default: :func:`ns_compute_dtype`).
+        out_dtype: dtype of the result (default: ``x.dtype``).
+
+    Returns:
+        A tensor of ``x``'s shape whose singular values are the iterated polynomial of the normalised ones.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"newton_schulz expects a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim < 2:
+        raise ValueError(
+            f"newton_schulz expects a matrix or a batch of matrices (ndim >= 2), got shape {tuple(x.shape)}."
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"newton_schulz supports float32, bfloat16, float16 and float64 input, got {x.dtype}; "
+            "convert with x.float()."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"Invalid eps: {eps!r}; it must be a finite number > 0.")
+    if transpose is not None and not isinstance(transpose, bool):
+        raise ValueError(f"Invalid transpose: {transpose!r}; use True, False or None (transpose tall inputs).")
+    if method not in _METHODS:
+        raise ValueError(f"Invalid method: {method!r}; choose one of {', '.join(map(repr, _METHODS))}.")
+    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"Invalid compute_dtype: {compute_dtype!r}; use a floating dtype.")
+    coeffs = get_coefficients(steps, coefficient_type, custom_coefficient_sets, iter_mode)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    cdtype = ns_compute_dtype(x) if compute_dtype is None else compute_dtype
+
+    shape = x.shape
+    rows, cols = shape[-2], shape[-1]
+    if transpose is None:
+        transpose = rows > cols
+    y = x.reshape(-1, rows, cols)
+    if transpose:
+        y = y.mT
+    if y.numel() == 0:
+        out = y.to(out_dtype, copy=True)
+        return (out.mT if transpose else out).reshape(shape)
+
+    # X_0 = x / max(||x||_F, eps), per matrix
+    if normalize_in_double:
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+        y = (y.to(torch.float64) / norm.clamp_min(eps)).to(cdtype)
+    else:
+        y = y.to(cdtype)
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+        y = y / norm.clamp_min(eps)
+
+    m, n = y.shape[-2], y.shape[-1]
+    if method == "auto":
+        method = _choose_method(min(m, n), max(m, n), coeffs, _gram_is_safe(y.device, cdtype))  # type: ignore[assignment]
+    with _exact_matmul_context(y.device, cdtype):
+        if method == "gram" and m > n:
+            # Q_k would be m x m: iterate on the transpose instead (same result, the polynomial is odd).
+            y = _ns_gram(y.mT, coeffs).mT
+        else:
+            y = _IMPLS[method](y, coeffs)
+
+    if transpose:
+        y = y.mT
+    return y.to(out_dtype).reshape(shape)
