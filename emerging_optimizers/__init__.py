@@ -20,7 +20,7 @@ from emerging_optimizers.registry import (
     get_optimizer_name_list,
     register_optimizer,
 )
-from emerging_optimizers.orthogonalized_optimizers import Muon, OrthogonalizedOptimizer
+from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
 from emerging_optimizers.scalar_optimizers import (
     Adam,
     AdamW,
@@ -51,6 +51,7 @@ __all__ = [
     "get_optimizer_name_list",
     "register_optimizer",
     "Muon",
+    "MuonAdamW",
     "OrthogonalizedOptimizer",
     "Adam",
     "AdamW",

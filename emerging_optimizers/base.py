@@ -38,6 +38,11 @@ class EmergingOptimizer(torch.optim.Optimizer):
         """Update ``params`` (the params of ``group`` that have a gradient, state already created)."""
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults/state/param_groups, which would drop what subclasses keep on ``self``
+        # (hooks, inner optimizers) from copy.deepcopy and pickle.
+        return dict(self.__dict__)
+
     # ------------------------------------------------------------------ torch.optim interface
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -81,3 +81,10 @@ CASES += [
     _matrix("adaptive_muon", 0.02, moment2_method="namo"),
     _matrix("muown", 0.02, state_in_param_dtype=False),  # Muown keeps its factorized state in float32
 ]
+
+CASES += [
+    # The whole-model optimizer: matrices to the matrix optimizer, biases to AdamW (``lr`` is the matrix side's).
+    Case("muon_adamw", lambda params, **o: eo.MuonAdamW(params, **o), 2e-2, fp32_state=True),
+    Case("muon_adamw-scion", lambda params, **o: eo.MuonAdamW(params, **{"matrix_optimizer": "scion", **o}), 2e-2,
+         fp32_state=True),
+]

@@ -74,6 +74,21 @@ def test_state_dict_resume_is_bit_identical(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_deepcopy_continues_identically(case):
+    """Deep-copying model and optimizer together (one memo, so the copy points at the copied params)."""
+    model = make_model(case)
+    opt = build(case, model.parameters())
+    train(model, opt, 2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    copied = {id(p) for p in model2.parameters()}
+    assert all(id(q) in copied for g in opt2.param_groups for q in g["params"])
+    train(model, opt, 3)
+    train(model2, opt2, 3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_param_groups_equal_separate_optimizers(case):
     model, ref = make_model(case), make_model(case)
     first, rest = list(model[0].parameters()), list(model[2].parameters())

@@ -62,3 +62,12 @@ __all__ += [
     "calculate_polargrad_update", "left_polargrad_orth_fn", "one_sided_polargrad_orth_fn", "right_polargrad_orth_fn",
     "Scion", "spectral_clip", "spectral_clipped_weight_decay", "spectral_hardcap", "Spel", "msign",
 ]
+from emerging_optimizers.orthogonalized_optimizers.muon_adamw import (  # noqa: E402
+    MuonAdamW,
+    RouteFn,
+    SideT,
+    default_route,
+    matrix_optimizer_names,
+)
+
+__all__ += ["MuonAdamW", "SideT", "RouteFn", "default_route", "matrix_optimizer_names"]
