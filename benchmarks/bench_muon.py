@@ -56,6 +56,7 @@ def make_plain_step(params: list[torch.Tensor], lr: float, mu: float) -> Callabl
     @torch.no_grad()
     def step() -> None:
         for p, buf in zip(params, bufs):
+            assert p.grad is not None
             buf.lerp_(p.grad, 1 - mu)
             u = plain_ns(buf)
             p.add_(u, alpha=-lr * math.sqrt(max(p.shape)))
@@ -79,7 +80,7 @@ def main() -> None:
 
     def make_params() -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        ps: list[torch.Tensor] = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
         for p in ps:
             p.grad = torch.randn(p.shape, generator=gen)
         return ps
@@ -89,7 +90,9 @@ def main() -> None:
     variants["plain"] = make_plain_step(make_params(), lr, mu)
     variants["muon"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0).step
     variants["muon_plain"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_method="plain").step
-    variants["muon_bf16"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_compute_dtype=torch.bfloat16).step
+    variants["muon_bf16"] = Muon(
+        make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_compute_dtype=torch.bfloat16
+    ).step
     variants["torch"] = torch.optim.Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0, nesterov=False).step
 
     for f in variants.values():  # warm-up
@@ -104,15 +107,19 @@ def main() -> None:
             wall[name].append((time.perf_counter() - w0) * 1e3)
 
     desc = f"{args.blocks} blocks, d_model {args.d_model}, {'fused qkv' if args.fused_qkv else 'q,k,v,o'}"
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(shapes)} matrices ({desc}), "
-          f"median of {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {len(shapes)} matrices ({desc}), "
+        f"median of {args.rounds} rounds"
+    )
     print("(cpu = process CPU time: with one thread it is the wall time of an idle machine, and it is not inflated")
     print(" when other processes share the cores)")
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     wmed = {k: statistics.median(v) for k, v in wall.items()}
     for name in variants:
-        print(f"{name:>11s}: cpu {cmed[name]:8.1f} ms/step ({cmed[name] / cmed['plain']:.2f}x plain)   "
-              f"wall {wmed[name]:8.1f} ms/step ({wmed[name] / wmed['plain']:.2f}x plain)")
+        print(
+            f"{name:>11s}: cpu {cmed[name]:8.1f} ms/step ({cmed[name] / cmed['plain']:.2f}x plain)   "
+            f"wall {wmed[name]:8.1f} ms/step ({wmed[name] / wmed['plain']:.2f}x plain)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from emerging_optimizers import (
     weight_update_hooks,
 )
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
+from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
     get_optimizer_cls,
     get_optimizer_name_list,
     register_optimizer,
 )
-from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
 from emerging_optimizers.scalar_optimizers import (
     Adam,
     AdamW,

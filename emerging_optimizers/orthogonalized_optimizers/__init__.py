@@ -31,16 +31,16 @@ __all__ = [
 ]
 
 # family members below (merged by the lead)
-from emerging_optimizers.orthogonalized_optimizers.adaptive_muon import (  # noqa: E402
+from emerging_optimizers.orthogonalized_optimizers.adaptive_muon import (
     AdaptiveMuon,
     Moment2MethodT,
     calculate_adaptive_muon_update,
     moment2_shape,
     update_namo_moment2,
 )
-from emerging_optimizers.orthogonalized_optimizers.mop import MOP, MOPScaleT, calculate_mop_update, polar_via_svd  # noqa: E402
-from emerging_optimizers.orthogonalized_optimizers.muon_hyperball import MuonHyperball  # noqa: E402
-from emerging_optimizers.orthogonalized_optimizers.polargrad import (  # noqa: E402
+from emerging_optimizers.orthogonalized_optimizers.mop import MOP, MOPScaleT, calculate_mop_update, polar_via_svd
+from emerging_optimizers.orthogonalized_optimizers.muon_hyperball import MuonHyperball
+from emerging_optimizers.orthogonalized_optimizers.polargrad import (
     OneSidedT,
     PolarGrad,
     calculate_polargrad_update,
@@ -48,13 +48,13 @@ from emerging_optimizers.orthogonalized_optimizers.polargrad import (  # noqa: E
     one_sided_polargrad_orth_fn,
     right_polargrad_orth_fn,
 )
-from emerging_optimizers.orthogonalized_optimizers.scion import Scion  # noqa: E402
-from emerging_optimizers.orthogonalized_optimizers.spectral_clipping_utils import (  # noqa: E402
+from emerging_optimizers.orthogonalized_optimizers.scion import Scion
+from emerging_optimizers.orthogonalized_optimizers.spectral_clipping_utils import (
     spectral_clip,
     spectral_clipped_weight_decay,
     spectral_hardcap,
 )
-from emerging_optimizers.orthogonalized_optimizers.spel import Spel, msign  # noqa: E402
+from emerging_optimizers.orthogonalized_optimizers.spel import Spel, msign
 
 __all__ += [
     "AdaptiveMuon", "Moment2MethodT", "calculate_adaptive_muon_update", "moment2_shape", "update_namo_moment2",

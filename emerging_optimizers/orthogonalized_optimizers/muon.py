@@ -55,6 +55,7 @@ from emerging_optimizers.orthogonalized_optimizers.muon_utils import (
     NSMethodT,
     get_coefficients,
     newton_schulz,
+    prefers_batching,
 )
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
     OrthogonalizedOptimizer,
@@ -177,7 +178,7 @@ class Muon(OrthogonalizedOptimizer):
         momentum_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(use_syrk, bool):
-            raise ValueError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False (it is ignored).")
+            raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False (it is ignored).")
         super().__init__(
             params,
             lr,
@@ -240,11 +241,13 @@ class Muon(OrthogonalizedOptimizer):
         if isinstance(sd, bool) or not isinstance(sd, int) or sd < 0:
             raise ValueError(f"Invalid stacked_dims: {sd!r}; it must be an integer >= 0.")
         ss = group["split_sizes"]
-        if ss is not None:
-            if isinstance(ss, (str, bytes)) or not isinstance(ss, Sequence) or not ss or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in ss
-            ):
-                raise ValueError(f"Invalid split_sizes: {ss!r}; use None or a sequence of integers >= 1.")
+        if ss is not None and (
+            isinstance(ss, (str, bytes))
+            or not isinstance(ss, Sequence)
+            or not ss
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in ss)
+        ):
+            raise ValueError(f"Invalid split_sizes: {ss!r}; use None or a sequence of integers >= 1.")
 
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         sd = group["stacked_dims"]
@@ -304,6 +307,9 @@ class Muon(OrthogonalizedOptimizer):
     def _run_bucket(self, jobs: list[_MatrixJob], group: dict[str, Any], out_dtype: torch.dtype) -> list[torch.Tensor]:
         """Orthogonalize same-shape jobs as batches; returns one ``[B, rows, in]`` result per job."""
         kwargs = self._ns_kwargs(group)
+        src = jobs[0].src
+        if not prefers_batching(src.device, src.shape[-2], src.shape[-1]):  # large CPU matrices: one at a time
+            return [scaled_newton_schulz(j.src, out_dtype=out_dtype, **kwargs) for j in jobs]
         results: list[torch.Tensor] = []
         start = 0
         while start < len(jobs):

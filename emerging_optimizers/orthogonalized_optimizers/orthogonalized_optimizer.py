@@ -42,7 +42,7 @@ from emerging_optimizers.utils import (
     fp32_matmul_precision,
 )
 
-__all__ = ["OrthogonalizedOptimizer", "WeightUpdateHook", "NoOpWeightUpdateHook", "HookStateT"]
+__all__ = ["HookStateT", "NoOpWeightUpdateHook", "OrthogonalizedOptimizer", "WeightUpdateHook"]
 
 HookStateT = TypeVar("HookStateT", bound=torch.Tensor | None)
 _FP32_MATMUL_PRECS = ("highest", "high", "medium")
@@ -161,12 +161,14 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         check_beta("momentum", group["momentum"])
         check_nonneg("weight_decay", group["weight_decay"])
         if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"Invalid nesterov: {group['nesterov']!r}; it must be True or False.")
+            raise TypeError(f"Invalid nesterov: {group['nesterov']!r}; it must be True or False.")
         check_weight_decay_method(group["weight_decay_method"])
         check_choice("fp32_matmul_prec", group["fp32_matmul_prec"], _FP32_MATMUL_PRECS)
         mdt = group.get("momentum_dtype")
         if mdt is not None and (not isinstance(mdt, torch.dtype) or not mdt.is_floating_point):
-            raise ValueError(f"Invalid momentum_dtype: {mdt!r}; use None (the parameter's dtype) or e.g. torch.float32.")
+            raise ValueError(
+                f"Invalid momentum_dtype: {mdt!r}; use None (the parameter's dtype) or e.g. torch.float32."
+            )
 
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Check one parameter of a group at construction (subclasses override; the base accepts any)."""

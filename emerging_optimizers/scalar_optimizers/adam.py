@@ -40,7 +40,7 @@ def adam_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Ten
                 eps: float, bc1: float, bc2_sqrt: float, bcn: float, nesterov: bool) -> torch.Tensor:
     """Element-wise Adam: update both moments in place and return the direction."""
     exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg_sq.lerp_(grad * grad, 1.0 - beta2)
     if nesterov:
         m_hat = exp_avg * (beta1 / bcn) + grad * ((1.0 - beta1) / bc1)
     else:

@@ -52,7 +52,7 @@ def ademamix_kernel(grad: torch.Tensor, exp_avg_fast: torch.Tensor, exp_avg_slow
                     bc1: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
     exp_avg_fast.lerp_(grad, 1.0 - beta_fast)
     exp_avg_slow.lerp_(grad, 1.0 - beta_slow)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg_sq.lerp_(grad * grad, 1.0 - beta2)
     return (exp_avg_fast / bc1 + alpha * exp_avg_slow) / (exp_avg_sq.sqrt() / bc2_sqrt + eps)
 
 
@@ -83,7 +83,7 @@ def sim_ademamix_scalars(num_beta_fast_warmup_steps: int | None, min_beta_fast: 
 def sim_ademamix_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta_fast: float,
                         beta2: float, alpha: float, bc1: float, bc2_sqrt: float, eps: float) -> torch.Tensor:
     exp_avg.mul_(beta_fast).add_(grad)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg_sq.lerp_(grad * grad, 1.0 - beta2)
     return (alpha * grad + exp_avg / bc1) / (exp_avg_sq.sqrt() / bc2_sqrt + eps)
 
 

@@ -67,14 +67,21 @@ def param_step(
     compute_dtype = state[0].dtype if state else p.dtype
     g = grad.to(compute_dtype)
     if has_l2:
-        g = g.add(p.to(compute_dtype), alpha=l2)
+        g = _axpy(g, p.to(compute_dtype), l2)
     if has_decay:
         p.mul_(decay)
     update = kernel(g, *state, **scalars)
     if update.dtype == p.dtype:
-        p.add_(update, alpha=-lr)
+        _axpy(p, update, -lr, inplace=True)
     else:
-        p.copy_(p.to(update.dtype).add_(update, alpha=-lr))
+        p.copy_(_axpy(p.to(update.dtype), update, -lr, inplace=True))
+
+
+def _axpy(y: torch.Tensor, x: torch.Tensor, a: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``y + a*x`` (in place on ``y`` if asked); ``a`` is a float (eager) or a 0-d tensor (compiled path)."""
+    if isinstance(a, torch.Tensor):
+        return y.add_(x * a) if inplace else y + x * a
+    return y.add_(x, alpha=a) if inplace else y.add(x, alpha=a)
 
 
 @functools.cache
@@ -84,7 +91,7 @@ def compile_available(device_type: str) -> bool:
         fn = torch.compile(lambda x: x * 2 + 1, dynamic=True, fullgraph=True)
         x = torch.ones(3, device=device_type)
         return bool(torch.equal(fn(x), x * 3))
-    except Exception:  # noqa: BLE001 - any compiler failure means "not available"
+    except Exception:
         return False
 
 
@@ -125,6 +132,20 @@ def _compiled_multi_param_step(kernel: Kernel) -> Callable[..., None]:
     fn = types.FunctionType(code, multi_param_step.__globals__, code.co_name)
     fn.__kwdefaults__ = {"kernel": kernel}
     return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _as_tensors(values: dict[str, Any], device: torch.device, cache: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """Floats as 0-d float32 tensors (bools stay Python bools: they select code paths).
+
+    Dynamo may specialize a Python float on its value (a guard per value, so bias corrections that change
+    every step would recompile every step); a tensor argument has no such guard. float32 is what eager
+    PyTorch does with a Python scalar in a float32/bf16 op. Equal dicts share their tensors (``cache``).
+    """
+    key = (device, tuple(values.items()))
+    if key not in cache:
+        cache[key] = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32, device=device)
+                      for k, v in values.items()}
+    return cache[key]
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -244,14 +265,17 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
                 buckets[(p.device, p.dtype, tensors[0].dtype if tensors else None)].append(job)
             else:
                 eager.append(job)
-        for jobs in buckets.values():
+        cache: dict[Any, dict[str, Any]] = {}
+        for (device, _, _), jobs in buckets.items():
+            hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache)
             for i in range(0, len(jobs), FUSED_CHUNK):
                 chunk = jobs[i : i + FUSED_CHUNK]
                 args = ([_flat(p) for p, _, _ in chunk], [p.grad.reshape(-1) for p, _, _ in chunk],
-                        [tuple(map(_flat, t)) for _, t, _ in chunk], lr, decay, l2, [s for _, _, s in chunk])
+                        [tuple(map(_flat, t)) for _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
+                        [_as_tensors(s, device, cache) for _, _, s in chunk])
                 try:
                     _compiled_multi_param_step(kernel)(*args, **flags)
-                except Exception as exc:  # noqa: BLE001 - a compiler failure must not lose the step
+                except Exception as exc:
                     warnings.warn(f"{type(self).__name__}: compiled step failed ({type(exc).__name__}: {exc}); "
                                   "falling back to the eager step.", RuntimeWarning, stacklevel=3)
                     self._fuse_failed = True

@@ -33,7 +33,7 @@ def laprop_scalars(correct_bias: bool, betas: tuple[float, float], step: int, ep
 
 def laprop_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, beta1: float,
                   beta2: float, eps: float, bc1: float, bc2_sqrt: float) -> torch.Tensor:
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg_sq.lerp_(grad * grad, 1.0 - beta2)
     exp_avg.lerp_(grad / (exp_avg_sq.sqrt() / bc2_sqrt + eps), 1.0 - beta1)
     return exp_avg / bc1
 

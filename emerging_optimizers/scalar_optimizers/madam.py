@@ -41,7 +41,7 @@ def madam_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq_scaled: t
                  beta2: float, sqrt_scale: float, bc1: float, bc2_sqrt: float) -> torch.Tensor:
     exp_avg.lerp_(grad, 1.0 - beta1)
     scaled = grad * sqrt_scale
-    exp_avg_sq_scaled.mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+    exp_avg_sq_scaled.lerp_(scaled * scaled, 1.0 - beta2)
     update = (exp_avg * (sqrt_scale / bc1)) / (exp_avg_sq_scaled.sqrt() / bc2_sqrt)
     return torch.where(exp_avg == 0, torch.zeros_like(update), update)
 

@@ -21,7 +21,7 @@ __all__ = ["calculate_rmsprop_update", "rmsprop_kernel", "RMSProp"]
 
 
 def rmsprop_kernel(grad: torch.Tensor, exp_avg_sq: torch.Tensor, *, alpha: float, eps: float) -> torch.Tensor:
-    exp_avg_sq.mul_(alpha).addcmul_(grad, grad, value=1.0 - alpha)
+    exp_avg_sq.lerp_(grad * grad, 1.0 - alpha)
     return grad / (exp_avg_sq.sqrt() + eps)
 
 
