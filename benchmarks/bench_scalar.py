@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpt_params import gpt_like_shapes, make_params  # noqa: E402
+from _gpt_params import gpt_like_shapes, make_params
 
-import emerging_optimizers as eo  # noqa: E402
+import emerging_optimizers as eo
 
 OURS = ["adamw", "ademamix", "sim_ademamix", "laprop", "lion", "signum", "rmsprop", "madam"]
 

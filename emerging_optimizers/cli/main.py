@@ -1,0 +1,272 @@
+"""emopt: list the optimizers, compare them on real data, time their steps.
+
+    emopt list                                   # every registered optimizer, its family and defaults
+    emopt compare                                # AdamW vs Muon (whole model) vs Lion on Shakespeare, ~2 min
+    emopt compare --task vit-mnist5k --optimizers adamw muon:lr=0.02 --seeds 3 --out runs/vit
+    emopt bench --optimizers adamw muon          # ms per optimizer step vs torch.optim
+
+Exit status: 0 on success, 1 when a data package is missing, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from emerging_optimizers.cli import tasks as tasks_mod
+from emerging_optimizers.cli.specs import UsageError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written; appends ``(default: X)`` to options whose default is not None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emopt", description=__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", metavar="{list,compare,bench}")
+    sub.required = True
+
+    p_list = sub.add_parser("list", help="list every registered optimizer with its family and defaults",
+                            description="Every registered optimizer, one line each: name, family, the parameters "
+                            "it handles and its default hyperparameters.", formatter_class=_Formatter)
+    p_list.set_defaults(func=cmd_list)
+
+    task_help = "\n".join(f"  {t.name}: {t.summary}" for t in tasks_mod.TASKS.values())
+    p_cmp = sub.add_parser(
+        "compare", help="train one model with each optimizer and compare losses, speed and memory",
+        description="Train the same model from the same seeds with each optimizer; print a table and write "
+        "results.json, table.csv, table.md and val_loss.png under --out.\n\nTasks:\n" + task_help,
+        formatter_class=_Formatter)
+    p_cmp.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
+    p_cmp.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
+                       help="optimizers as NAME or NAME:key=value,... e.g. adamw muon:lr=0.02 "
+                       "(default: the task's adamw, muon_adamw, lion; names from `emopt list`)")
+    p_cmp.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the task's)")
+    p_cmp.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1) per optimizer")
+    p_cmp.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (pinned)")
+    p_cmp.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the task's)")
+    p_cmp.add_argument("--eval-points", type=_positive_int, default=None,
+                       help="number of validation evaluations after step 0 (default: the task's)")
+    p_cmp.add_argument("--reference", default=None,
+                       help="optimizer whose final validation loss the others must reach (default: adamw if "
+                       "compared, else the first)")
+    p_cmp.add_argument("--out", type=Path, default=Path("emopt_out"), help="output directory")
+    p_cmp.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    p_cmp.set_defaults(func=cmd_compare)
+
+    p_bench = sub.add_parser(
+        "bench", help="time optimizer steps on a GPT-like parameter set against torch.optim",
+        description="Time optimizer.step() on random gradients for a GPT-like parameter set, interleaving our "
+        "optimizers with torch.optim.AdamW (fused and foreach) and torch.optim.Muon (2-D matrices) in one "
+        "process; print the median ms/step and the ratio to torch's fused AdamW.", formatter_class=_Formatter)
+    p_bench.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
+                         help="our optimizers to time (default: adamw, muon, muon_adamw where registered)")
+    p_bench.add_argument("--layers", type=_positive_int, default=6, help="transformer blocks")
+    p_bench.add_argument("--dim", type=_positive_int, default=512, help="model width")
+    p_bench.add_argument("--vocab", type=_positive_int, default=8192, help="vocabulary size")
+    p_bench.add_argument("--steps", type=_positive_int, default=2, help="timed steps per round")
+    p_bench.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds")
+    p_bench.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps first (state, compilation)")
+    p_bench.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
+    p_bench.add_argument("--no-torch", action="store_true", help="skip the torch.optim baselines")
+    p_bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- list
+def cmd_list(args: argparse.Namespace) -> int:
+    from emerging_optimizers import registry
+    from emerging_optimizers.cli import specs
+
+    names = specs.load_registry()
+    width = max(map(len, names), default=4)
+    rows = []
+    for name in names:
+        cls = registry.get_optimizer_cls(name)
+        family = specs.family_of(cls)
+        if specs.is_whole_model(name):
+            scope = "whole model"
+        elif family == "orthogonalized":
+            scope = "matrices"
+        else:
+            scope = "any"
+        defaults = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                            for k, v in specs.default_kwargs(cls).items())
+        rows.append((name, family, scope, defaults))
+    fw = max((len(r[1]) for r in rows), default=6)
+    print(f"{'name':<{width}}  {'family':<{fw}}  {'params':<11}  defaults")
+    for name, family, scope, defaults in rows:
+        print(f"{name:<{width}}  {family:<{fw}}  {scope:<11}  {defaults}")
+    print(f"\n{len(rows)} optimizers. 'matrices' ones run inside {specs.WHOLE_MODEL} for `emopt compare`.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:  # logs and pipes: wide enough for the table
+        console = Console(file=sys.stdout, highlight=False, width=200)
+    return console
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from emerging_optimizers import registry
+    from emerging_optimizers.cli import report, specs
+    from emerging_optimizers.cli.data import MissingDataError
+
+    task = tasks_mod.get_task(args.task)
+    spec_list = specs.parse_specs(args.optimizers or list(task.default_optimizers))
+    labels = [s.label for s in spec_list]
+    if args.reference is not None and args.reference not in labels:
+        raise UsageError(f"--reference {args.reference!r} is not one of the compared optimizers: {', '.join(labels)}.")
+    reference = args.reference or next((s.label for s in spec_list if s.name == "adamw"), labels[0])
+    steps = args.steps or task.steps
+    batch_size = args.batch_size or task.batch_size
+    eval_points = args.eval_points or task.eval_points
+    seeds = list(range(args.seeds))
+    console = _console()
+    try:
+        problem = task.load(batch_size)
+    except MissingDataError as exc:
+        print(f"emopt compare: error: {exc}", file=sys.stderr)
+        return 1
+    # build every optimizer once before training anything, so a bad value fails now and not after minutes
+    for s in spec_list:
+        specs.build_optimizer(s, problem.make_model(), task.tuned(s.name))
+    families = {s.label: specs.family_of(registry.get_optimizer_cls(s.name)) for s in spec_list}
+
+    console.print(f"[bold]{task.name}[/bold]: {task.summary}; {steps} steps x {len(seeds)} seed(s), batch "
+                  f"{batch_size}, {args.threads} thread(s); optimizers: {escape(', '.join(labels))}")
+    t_start = time.perf_counter()
+    runs = _train_all(console, problem, task, spec_list, seeds, steps, eval_points, args.threads, args.no_progress)
+    total_s = time.perf_counter() - t_start
+
+    summaries, target = report.summarize(runs, families, reference)
+    title = (f"{task.name}: {steps} steps, {len(seeds)} seed(s); reference {reference} (final val loss {target:.4f})"
+             if target is not None else f"{task.name}: {steps} steps; reference {reference} diverged")
+    console.print(report.rich_table(summaries, len(seeds), escape(title)))
+    untuned = [s.label for s in spec_list if not task.tuned(s.name) and not {"lr", "learning_rate"} & set(s.overrides)]
+    if untuned:
+        console.print(escape(f"not tuned for {task.name} (optimizer defaults): {', '.join(untuned)}"))
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out / "table.csv", summaries)
+    report.write_markdown(out / "table.md", summaries, len(seeds), title)
+    report.plot(out / "val_loss.png", runs, f"{task.name}: validation loss ({len(seeds)} seed(s), "
+                f"{args.threads} thread(s))", target, reference)
+    schedule = task.schedule(steps)
+    settings = {
+        "command": ["emopt", *(sys.argv[1:] if args.argv is None else args.argv)],
+        "task": task.name, "task_doc": task.doc, "steps": steps, "seeds": seeds, "batch_size": batch_size,
+        "threads": args.threads, "eval_points": eval_points, "reference": reference,
+        "schedule": {"kind": "linear warm-up + cosine", "warmup_steps": schedule.warmup_steps,
+                     "final_lr_fraction": schedule.final},
+        "optimizers": [{"label": s.label, "name": s.name, "overrides": {k: repr(v) for k, v in s.overrides.items()},
+                        "tuned": {k: repr(v) for k, v in task.tuned(s.name).items()}} for s in spec_list],
+    }
+    report.write_json(out / "results.json", {
+        "settings": settings, "environment": report.environment(args.threads), "total_seconds": total_s,
+        "reference_final_val_loss": target,
+        "summary": [report.summary_json(s) for s in summaries],
+        "runs": {label: [r.to_json() for r in rs] for label, rs in runs.items()},
+    })
+    console.print(escape(f"total {total_s:.0f} s; wrote {out / 'results.json'}, {out / 'table.csv'}, "
+                         f"{out / 'table.md'}, {out / 'val_loss.png'}"))
+    return 0
+
+
+def _train_all(console: Any, problem: Any, task: tasks_mod.Task, spec_list: list[Any], seeds: list[int], steps: int,
+               eval_points: int, threads: int, no_progress: bool) -> dict[str, list[Any]]:
+    """Every (seed, optimizer) run, seeds outermost, with ``threads`` torch threads; a progress bar per run."""
+    import torch
+    from rich.markup import escape
+
+    from emerging_optimizers.cli.train import RunResult, train_run
+
+    schedule = task.schedule(steps)
+    runs: dict[str, list[RunResult]] = {s.label: [] for s in spec_list}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _progress(console, disable=no_progress) as progress:
+            for seed in seeds:
+                for s in spec_list:
+                    name = escape(f"{s.label} seed {seed}")
+                    bar = progress.add_task(name, total=steps, loss=float("nan"), rate=0.0)
+                    t0 = time.perf_counter()
+
+                    def on_step(step: int, loss: float, bar: Any = bar, t0: float = t0) -> None:
+                        rate = step / max(time.perf_counter() - t0, 1e-9)
+                        progress.update(bar, completed=step, loss=loss, rate=rate)
+
+                    r = train_run(problem, s, task.tuned(s.name), seed, steps, schedule, eval_points, on_step)
+                    if r.diverged:
+                        progress.update(bar, description=f"{name} [red]diverged at step {r.diverged_at}[/red]")
+                    if no_progress:
+                        result = (f"diverged at step {r.diverged_at}" if r.diverged
+                                  else f"val loss {r.metrics['val_loss'][-1]:.4f}")
+                        console.print(f"{name}: {result} ({r.train_time_s:.1f} s)")
+                    runs[s.label].append(r)
+    finally:
+        torch.set_num_threads(old_threads)
+    return runs
+
+
+def _progress(console: Any, disable: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"),
+                    TimeElapsedColumn(), console=console, disable=disable)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from emerging_optimizers.cli import bench
+
+    return bench.run(args)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run ``emopt`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
+    args.argv = argv
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"emopt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
