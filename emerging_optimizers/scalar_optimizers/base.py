@@ -102,15 +102,15 @@ def multi_param_step(
     lr: float,
     decay: float,
     l2: float,
-    scalars: list[dict[str, Any]],
+    scalars: dict[str, Any],
     *,
     kernel: Kernel,
     has_decay: bool,
     has_l2: bool,
 ) -> None:
-    """:func:`param_step` for a list of tensors: the unit the fast path compiles."""
+    """:func:`param_step` for a list of tensors sharing their scalars: the unit the fast path compiles."""
     for i in range(len(params)):
-        param_step(params[i], grads[i], states[i], lr, decay, l2, scalars[i], kernel=kernel, has_decay=has_decay,
+        param_step(params[i], grads[i], states[i], lr, decay, l2, scalars, kernel=kernel, has_decay=has_decay,
                    has_l2=has_l2)
 
 
@@ -260,19 +260,24 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             state["step"] += 1
             ctxs.append(self.pre_step(p, group))
             tensors = tuple(state[k] for k in keys)
-            job = (p, tensors, self.scalars(group, state["step"], p))
+            scalars = self.scalars(group, state["step"], p)
+            job = (p, tensors, scalars)
             if fused and p.is_contiguous() and all(t.is_contiguous() for t in tensors):
-                buckets[(p.device, p.dtype, tensors[0].dtype if tensors else None)].append(job)
+                # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group
+                # is at the same step; a chunk then hands its scalars to the compiled code once
+                key = (p.device, p.dtype, tensors[0].dtype if tensors else None, tuple(scalars.items()))
+                buckets[key].append(job)
             else:
                 eager.append(job)
         cache: dict[Any, dict[str, Any]] = {}
-        for (device, _, _), jobs in buckets.items():
+        for (device, *_), jobs in buckets.items():
             hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache)
+            scalars = _as_tensors(jobs[0][2], device, cache)
             for i in range(0, len(jobs), FUSED_CHUNK):
                 chunk = jobs[i : i + FUSED_CHUNK]
                 args = ([_flat(p) for p, _, _ in chunk], [p.grad.reshape(-1) for p, _, _ in chunk],
                         [tuple(map(_flat, t)) for _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
-                        [_as_tensors(s, device, cache) for _, _, s in chunk])
+                        scalars)
                 try:
                     _compiled_multi_param_step(kernel)(*args, **flags)
                 except Exception as exc:
