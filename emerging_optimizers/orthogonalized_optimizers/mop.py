@@ -115,10 +115,6 @@ class MOP(OrthogonalizedOptimizer):
             momentum_dtype=momentum_dtype,
         )
 
-    def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``scaled_orthogonalize_fn`` of the base: :meth:`orthogonalize` with the default group."""
-        return self.orthogonalize(x, x, **self.defaults)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_choice("scale_mode", group["scale_mode"], _SCALE_MODES)

@@ -238,6 +238,11 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
             self._apply_update(p, u, group["lr"])
 
     # ------------------------------------------------------------------ extension points
+    def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A ``scaled_orthogonalize_fn`` for subclasses that override :meth:`orthogonalize`: it applies
+        :meth:`orthogonalize` with the default group's options, so the documented attribute stays usable."""
+        return self.orthogonalize(x, x, **self.defaults)
+
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The update for ``p`` from its momentum direction ``grad`` (default: ``scaled_orthogonalize_fn``).
 

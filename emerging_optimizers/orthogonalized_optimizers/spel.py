@@ -100,10 +100,6 @@ class Spel(OrthogonalizedOptimizer):
             momentum_dtype=momentum_dtype,
         )
 
-    def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``scaled_orthogonalize_fn`` of the base: :meth:`orthogonalize` with the default group."""
-        return self.orthogonalize(x, x, **self.defaults)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         steps = group["num_ns_steps"]
