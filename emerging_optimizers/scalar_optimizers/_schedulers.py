@@ -28,8 +28,11 @@ def half_life_warmup(step: int, beta_start: float, beta_end: float, num_warmup_s
     return inverse_half_life_beta((1.0 - a) * half_life_steps(beta_start) + a * half_life_steps(beta_end))
 
 
-def linear_warmup(step: int, value: float, num_warmup_steps: int | None) -> float:
-    """``(step/N) * value`` while ``step < N``, ``value`` after (or always, when ``N`` is None)."""
+def linear_warmup(step: int, value: float, num_warmup_steps: int | None, start: float = 0.0) -> float:
+    """``(1 - a)*start + a*value`` with ``a = step/N`` while ``step < N``, ``value`` after (or always, when ``N``
+    is None). The default ``start=0`` gives ``(step/N) * value``.
+    """
     if num_warmup_steps is None or step >= num_warmup_steps:
         return value
-    return step / num_warmup_steps * value
+    a = step / num_warmup_steps
+    return (1.0 - a) * start + a * value

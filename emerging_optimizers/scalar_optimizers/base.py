@@ -19,6 +19,11 @@ optimizer holds at least :data:`AUTO_FUSE_MIN_NUMEL` elements and a compiler wor
 compiled step costs seconds (6-40 s per optimizer on a 2-core CPU, cached on disk by torch) and only a
 large model repays it; ``True`` always compiles (falling back to eager with a warning when compilation
 fails), ``False`` never does.
+
+:class:`SingleMomentumOptimizer` and :class:`TwoMomentsOptimizer` (both :class:`UpdateFnOptimizer`) keep the
+reference library's way of declaring an optimizer, ``(params, defaults, *, update_fn, update_kwarg_names)``
+with the functions of :mod:`~emerging_optimizers.scalar_optimizers.update_functions`, on the same plumbing
+(always eager).
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ import torch
 
 from emerging_optimizers.base import EmergingOptimizer, ParamsT
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weight_decay_method, decay_factor
-from emerging_optimizers.utils import check_nonneg
+from emerging_optimizers.utils import check_beta, check_nonneg
 
-__all__ = ["ScalarOptimizer", "param_step", "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "FUSED_CHUNK",
-           "compile_available"]
+__all__ = ["ScalarOptimizer", "UpdateFnOptimizer", "SingleMomentumOptimizer", "TwoMomentsOptimizer", "param_step",
+           "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "FUSED_CHUNK", "compile_available"]
 
 #: ``fused=None`` compiles the step when the optimizer holds at least this many elements (about 4M).
 AUTO_FUSE_MIN_NUMEL = 1 << 22
@@ -196,6 +201,10 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         """The state tensors ``kernel`` takes after ``grad``, in order (may depend on the group)."""
         return self.state_keys
 
+    def _kernel(self) -> Kernel:
+        """The element-wise update function ``step`` applies (the class's ``kernel`` unless overridden)."""
+        return type(self).kernel
+
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's hyperparameters (called for the constructor's and for added groups)."""
 
@@ -253,7 +262,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         flags = dict(has_decay=decay != 1.0, has_l2=has_l2)
         l2 = wd if has_l2 else 0.0
         keys = self.state_keys_for(group)
-        kernel = type(self).kernel
+        kernel = self._kernel()
         ctxs, eager, buckets = [], [], defaultdict(list)
         fused = self._use_fused(group, params[0].device)
         for p in params:
@@ -290,3 +299,111 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             param_step(p, p.grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
         for p, ctx in zip(params, ctxs):
             self.post_step(p, group, ctx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers built from an update function, with the reference library's constructor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _validate_common_hparams(*, lr: float | None = None, betas: tuple[float, ...] | None = None,
+                             eps: float | None = None, weight_decay: float | None = None) -> None:
+    """Check the hyperparameters most scalar optimizers share; ``None`` skips one.
+
+    Kept for subclasses written for the reference library, which import it from this module.
+    """
+    if lr is not None:
+        check_nonneg("lr", lr)
+    if betas is not None:
+        for i, b in enumerate(betas):
+            check_beta(f"betas[{i}]", b)
+    if eps is not None:
+        check_nonneg("eps", eps)
+    if weight_decay is not None:
+        check_nonneg("weight_decay", weight_decay)
+
+
+class UpdateFnOptimizer(ScalarOptimizer):
+    """A :class:`ScalarOptimizer` whose kernel is an update function handed to the constructor.
+
+    This is the reference library's way of declaring a scalar optimizer, kept so that its subclasses run
+    unchanged: ``state_keys`` (a class attribute) names the zero-initialised state tensors, and every step
+    calls, per parameter with a gradient,
+
+    ``u = update_fn(grad, *state[state_keys], step=t, **{k: group[k] for k in update_kwarg_names})``
+
+    then ``p <- p - lr*u``, with weight decay (``group["weight_decay"]``, ``weight_decay_method``) applied
+    before, between the hooks :meth:`pre_step_inplace` and :meth:`post_step_inplace`. ``step`` counts from 1.
+    The functions of :mod:`emerging_optimizers.scalar_optimizers.update_functions` have this signature.
+
+    Differences from the reference: ``step(closure)`` accepts a closure and returns its loss; ``l2`` weight
+    decay does not modify ``p.grad`` in place; ``weight_decay_method`` is kept in the param groups (so it may
+    differ per group and is saved in ``state_dict()``). The compiled fast path is off (``fused`` must be
+    False): ``update_fn`` is arbitrary code.
+
+    Args:
+        params: parameters or param groups.
+        defaults: the group defaults; must hold ``lr``, ``weight_decay`` and every name in ``update_kwarg_names``.
+        update_fn: ``update_fn(grad, *state_tensors, step=..., **hyperparameters) -> update``, updating the state
+            tensors in place.
+        update_kwarg_names: the group keys handed to ``update_fn`` as keyword arguments.
+        weight_decay_method: ``"decoupled"`` (default), ``"independent"``, ``"l2"`` or ``"palm"``.
+    """
+
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, update_fn: Callable[..., torch.Tensor],
+                 update_kwarg_names: tuple[str, ...], weight_decay_method: WeightDecayT = "decoupled") -> None:
+        if not callable(update_fn):
+            raise TypeError(f"update_fn must be callable, got {type(update_fn).__name__}.")
+        if isinstance(update_kwarg_names, str):
+            raise TypeError(f"update_kwarg_names must be a tuple of names, got the string {update_kwarg_names!r}.")
+        missing = sorted(set(update_kwarg_names) - set(defaults))
+        if missing:
+            raise ValueError(f"update_kwarg_names {missing} not present in defaults (keys: {sorted(defaults)}).")
+        self.update_fn = update_fn
+        self.update_kwarg_names = tuple(update_kwarg_names)
+        super().__init__(params, dict(defaults, weight_decay_method=weight_decay_method), fused=False)
+
+    def pre_step_inplace(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        """Hook called before the weight decay and the update; its return value reaches :meth:`post_step_inplace`."""
+        return None
+
+    def post_step_inplace(self, p: torch.Tensor, group: dict[str, Any], ctx: Any) -> None:
+        """Hook called after the update, with what :meth:`pre_step_inplace` returned."""
+
+    # ------------------------------------------------------------------ ScalarOptimizer interface
+    def _kernel(self) -> Kernel:
+        return self.update_fn
+
+    def scalars(self, group: dict[str, Any], step: int, p: torch.Tensor) -> dict[str, Any]:
+        kwargs = {key: group[key] for key in self.update_kwarg_names}
+        kwargs["step"] = step
+        return kwargs
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if group["fused"] is not False:
+            raise ValueError(f"{type(self).__name__} has no fused step (its update_fn is arbitrary code); "
+                             f"got fused={group['fused']!r}, use False.")
+
+    def pre_step(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
+        return self.pre_step_inplace(p, group)
+
+    def post_step(self, p: torch.Tensor, group: dict[str, Any], ctx: Any) -> None:
+        self.post_step_inplace(p, group, ctx)
+
+
+#: The reference library's name of :class:`UpdateFnOptimizer`.
+_ScalarOptimizerBase = UpdateFnOptimizer
+
+
+class SingleMomentumOptimizer(UpdateFnOptimizer):
+    """An :class:`UpdateFnOptimizer` with one state tensor, ``exp_avg`` (e.g. Lion, Signum)."""
+
+    state_keys: ClassVar[tuple[str, ...]] = ("exp_avg",)
+
+
+class TwoMomentsOptimizer(UpdateFnOptimizer):
+    """An :class:`UpdateFnOptimizer` with two state tensors, ``exp_avg`` and ``exp_avg_sq`` (e.g. LaProp)."""
+
+    state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")

@@ -42,7 +42,8 @@ def madam_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq_scaled: t
     exp_avg.lerp_(grad, 1.0 - beta1)
     scaled = grad * sqrt_scale
     exp_avg_sq_scaled.lerp_(scaled * scaled, 1.0 - beta2)
-    update = (exp_avg * (sqrt_scale / bc1)) / (exp_avg_sq_scaled.sqrt() / bc2_sqrt)
+    # (m / bc1) * sqrt(s) / (sqrt(s * v) / bc2_sqrt): with sqrt(s) a power of two, bit-identical to Adam (eps=0)
+    update = (exp_avg / bc1 * sqrt_scale) / (exp_avg_sq_scaled.sqrt() / bc2_sqrt)
     return torch.where(exp_avg == 0, torch.zeros_like(update), update)
 
 
