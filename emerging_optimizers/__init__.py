@@ -15,6 +15,7 @@ from emerging_optimizers import (
 )
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
+from emerging_optimizers.package_info import __version__ as __version__
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
     get_optimizer_cls,
@@ -32,8 +33,6 @@ from emerging_optimizers.scalar_optimizers import (
     Signum,
     SimplifiedAdEMAMix,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "compat",

@@ -20,22 +20,23 @@ direction is undefined): initialise the weights with non-zero rows.
 
 Defaults: ``lr=3e-4``, ``momentum=0.95``, ``weight_decay=0.0``, ``betas=(0.9, 0.95)``, ``adam_eps=1e-8``,
 ``fp32_matmul_prec="medium"``, ``quintic`` x 5, ``scale_mode="spectral"``. Every option is per param group.
-Parameters must be 2-D; bf16/fp16 weights are supported (state and maths in float32; float64 weights keep float64 state). The update is not a
-single ``W - lr * U`` step, so no ``weight_update_hook`` is accepted.
+Parameters must be 2-D; bf16/fp16 weights are supported (state and maths in float32; float64 weights keep
+float64 state). The update is not a single ``W - lr * U`` step, so no ``weight_update_hook`` is accepted.
 
-:func:`row_norm_fn` (``u_i = G_i / max(|G_i|, eps)``) is a cheap row-wise "orthogonalization" usable as the
-``scaled_orthogonalize_fn`` of :class:`~emerging_optimizers.orthogonalized_optimizers.OrthogonalizedOptimizer`.
+:func:`row_norm_fn` (``u_i = G_i / max(|G_i|, eps)``), a cheap row-wise "orthogonalization" usable as the
+``scaled_orthogonalize_fn`` of :class:`~emerging_optimizers.orthogonalized_optimizers.OrthogonalizedOptimizer`,
+lives in :mod:`emerging_optimizers.contrib.row_norm` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from emerging_optimizers.base import ParamsT
+from emerging_optimizers.contrib.row_norm import row_norm_fn, row_norms
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
 from emerging_optimizers.registry import register_optimizer
@@ -46,35 +47,6 @@ __all__ = ["Muown", "row_norm_fn", "row_norms", "weight_norm_grads"]
 
 
 # ---------------------------------------------------------------------------------------------- pure math
-def row_norm_fn(
-    grad: torch.Tensor, *, center_rows: bool = False, eps: float = 1e-8, extra_scale_factor: float = 1.0
-) -> torch.Tensor:
-    """Normalise every row of a matrix: ``u_i = G_i / max(|G_i|, eps) * extra_scale_factor``.
-
-    With ``center_rows`` the columns are centred (``G - G.mean(0)``) before and after. Computes in float32
-    (float64 for float64 input) and returns ``grad``'s dtype.
-    """
-    if not isinstance(grad, torch.Tensor) or grad.ndim != 2 or not grad.is_floating_point():
-        raise ValueError(
-            "row_norm_fn expects a 2-D floating-point matrix, got "
-            f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}."
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"Invalid eps: {eps!r}; it must be a finite number > 0.")
-    g = grad if grad.dtype == torch.float64 else grad.float()
-    if center_rows:
-        g = g - g.mean(dim=0, keepdim=True)
-    u = g / row_norms(g).clamp_min(eps)
-    if center_rows:
-        u = u - u.mean(dim=0, keepdim=True)
-    return (u * extra_scale_factor).to(grad.dtype)
-
-
-def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm of every row, as an ``(m, 1)`` tensor."""
-    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-
 def weight_norm_grads(
     w: torch.Tensor, grad: torch.Tensor, g: torch.Tensor, v_norm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,6 +76,8 @@ class Muown(Muon):
         custom_coefficient_sets, ns_method, ns_compute_dtype: Muon's options for the direction branch.
         nesterov: Nesterov direction in the Muon branch (False).
     """
+
+    param_ndim = (2, 2)
 
     def __init__(
         self,
@@ -162,13 +136,6 @@ class Muown(Muon):
             )
         if group["stacked_dims"] != 0 or group["split_sizes"] is not None:
             raise ValueError("Muown supports 2-D parameters only: use stacked_dims=0 and split_sizes=None.")
-
-    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim != 2 or not p.is_floating_point():
-            raise ValueError(
-                f"Muown updates floating-point 2-D matrices, got shape {tuple(p.shape)}, dtype {p.dtype}; "
-                "optimize other parameters with another optimizer."
-            )
 
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = torch.promote_types(p.dtype, torch.float32)  # float32, or float64 for float64 weights

@@ -1,31 +1,40 @@
-"""Small helpers shared across optimizers: matmul precision and argument validation."""
+"""Small helpers shared across optimizers: matmul precision, argument validation, process-group size and rank."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
 from emerging_optimizers.utils.validation import (
+    MatrixShapeError,
     check_beta,
     check_betas,
     check_choice,
+    check_matrix,
     check_nonneg,
     check_positive,
     check_positive_int,
 )
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = [
     "FP32MatmulPrecT",
     "fp32_matmul_precision",
+    "MatrixShapeError",
     "check_beta",
     "check_betas",
     "check_choice",
+    "check_matrix",
     "check_nonneg",
     "check_positive",
     "check_positive_int",
+    "get_pg_rank",
+    "get_pg_size",
 ]
 
 FP32MatmulPrecT = Literal["highest", "high", "medium"]
@@ -42,3 +51,21 @@ def fp32_matmul_precision(prec: FP32MatmulPrecT) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def _distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_pg_size(group: ProcessGroup | None = None) -> int:
+    """Number of processes in ``group``; 1 when ``group`` is None or torch.distributed is not initialized."""
+    if group is None or not _distributed_ready():
+        return 1
+    return group.size()
+
+
+def get_pg_rank(group: ProcessGroup | None = None) -> int:
+    """This process's rank in ``group``; 0 when ``group`` is None or torch.distributed is not initialized."""
+    if group is None or not _distributed_ready():
+        return 0
+    return group.rank()

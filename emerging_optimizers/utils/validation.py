@@ -6,7 +6,10 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["check_beta", "check_betas", "check_choice", "check_nonneg", "check_positive", "check_positive_int"]
+import torch
+
+__all__ = ["MatrixShapeError", "check_beta", "check_betas", "check_choice", "check_matrix", "check_nonneg",
+           "check_positive", "check_positive_int"]
 
 
 def _is_real(value: Any) -> bool:
@@ -53,3 +56,31 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r}; choose one of {', '.join(map(repr, choices))}.")
+
+
+class MatrixShapeError(ValueError, TypeError):
+    """A tensor that must be a floating-point matrix is not one.
+
+    A ``ValueError`` (torch's convention for a bad shape) that is also a ``TypeError`` (what the reference
+    library raises for the same condition), so code written against either catches it.
+    """
+
+
+def check_matrix(x: Any, name: str, *, max_ndim: int | None = 2, hint: str = "") -> torch.Tensor:
+    """``x`` must be a floating-point tensor with ``2 <= x.ndim <= max_ndim`` (``None``: no upper bound).
+
+    The one check of the matrix optimizers' precondition; raises :class:`MatrixShapeError` naming ``name``,
+    the shape and dtype, followed by ``hint``. Returns ``x``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim >= 2 and (max_ndim is None or x.ndim <= max_ndim) and x.is_floating_point():
+        return x
+    got = f"shape {tuple(x.shape)}, dtype {x.dtype}"
+    hint = f" {hint}" if hint else ""
+    if max_ndim == 2:
+        raise MatrixShapeError(f"Only 2D parameters are supported: {name} expects a 2-D floating-point matrix, "
+                               f"got {got}.{hint}")
+    dims = "2d or 3d (or N-d, the leading dims a batch)" if max_ndim is None else f"2d to {max_ndim}d"
+    raise MatrixShapeError(f"{name} expects a floating-point matrix or batch of matrices: it must be {dims}, "
+                           f"got {got}.{hint}")
