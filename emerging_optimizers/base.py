@@ -21,9 +21,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["EmergingOptimizer", "ParamsT"]
+__all__ = ["EmergingOptimizer", "ParamsT", "read_only_default"]
 
 ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts, as torch.optim accepts
+
+
+def read_only_default(name: str) -> property:
+    """A read-only attribute showing the constructor's value of the param-group option ``name``.
+
+    The reference library keeps such options on ``self`` and forbids setting them after construction; here
+    they live in every param group (so they vary per group and survive ``state_dict()``), and this attribute
+    shows the default group's value. Setting it raises ``AttributeError`` naming where to change it.
+    """
+
+    def fget(self: torch.optim.Optimizer) -> Any:
+        return self.defaults[name]
+
+    def fset(self: torch.optim.Optimizer, value: Any) -> None:
+        raise AttributeError(
+            f"Cannot set `{name}` post-initialization: pass it to the constructor, or set "
+            f"param_groups[i][{name!r}] for the groups it should change."
+        )
+
+    return property(fget, fset, doc=f"The constructor's ``{name}`` (read-only; per-group values: param_groups).")
 
 
 class EmergingOptimizer(torch.optim.Optimizer):

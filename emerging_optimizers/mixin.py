@@ -47,7 +47,9 @@ def decay_factor(method: str, lr: float, weight_decay: float) -> float:
     raise AssertionError("unreachable")
 
 
-def apply_weight_decay(p: torch.Tensor, grad: torch.Tensor, method: str, lr: float, weight_decay: float) -> torch.Tensor:
+def apply_weight_decay(
+    p: torch.Tensor, grad: torch.Tensor, method: str, lr: float, weight_decay: float
+) -> torch.Tensor:
     """Apply weight decay before the update and return the gradient the optimizer should see.
 
     Multiplicative methods scale ``p`` in place. ``l2`` returns ``grad + weight_decay * p`` as a new

@@ -18,21 +18,29 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = ["register_optimizer", "get_optimizer_cls", "get_optimizer_name_list", "get_configured_optimizer_cls",
-           "valid_kwargs"]
+           "valid_kwargs", "validate_optimizer_args"]
 
 _REGISTRY: dict[str, type[torch.optim.Optimizer]] = {}
 OptT = TypeVar("OptT", bound=type)
 
 
 def register_optimizer(name: str) -> Callable[[OptT], OptT]:
-    """Class decorator registering an optimizer under ``name`` (lower case, unique)."""
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ValueError(f"Invalid optimizer name {name!r}: use a non-empty lower-case string.")
+    """Class decorator registering an optimizer under ``name``.
+
+    Names are case-insensitive (stored lower case). Registering a name twice raises ``ValueError``, whatever
+    the class (as in the reference library): pick another name for a variant of a registered optimizer.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"Invalid optimizer name {name!r}: use a non-empty string.")
+    key = name.lower()
 
     def decorator(cls: OptT) -> OptT:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"Optimizer name {name!r} is already registered to {_REGISTRY[name].__qualname__}.")
-        _REGISTRY[name] = cls  # type: ignore[assignment]
+        if key in _REGISTRY:
+            raise ValueError(
+                f"Optimizer {name} already registered (to {_REGISTRY[key].__module__}.{_REGISTRY[key].__qualname__}); "
+                "register the new class under another name."
+            )
+        _REGISTRY[key] = cls  # type: ignore[assignment]
         return cls
 
     return decorator
@@ -45,12 +53,13 @@ def get_optimizer_name_list() -> list[str]:
 
 def get_optimizer_cls(name: str) -> type[torch.optim.Optimizer]:
     """The class registered as ``name``; ``ValueError`` listing the valid names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
         raise ValueError(
-            f"Unknown optimizer {name!r}; registered optimizers: {', '.join(get_optimizer_name_list())}."
-        ) from None
+            f"Unknown optimizer {name!r}: not found in the registry; registered optimizers: "
+            f"{', '.join(get_optimizer_name_list())}."
+        )
+    return cls
 
 
 def valid_kwargs(cls: type) -> list[str]:
@@ -72,20 +81,30 @@ def valid_kwargs(cls: type) -> list[str]:
     return names
 
 
+def validate_optimizer_args(opt_cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` if ``kwargs`` holds an argument ``opt_cls``'s constructor does not take.
+
+    ``params`` is ignored. Constructors that forward ``**kwargs`` to a base class are followed to it
+    (:func:`valid_kwargs`), so a subclass with a ``*args, **kwargs`` signature is checked against what it
+    really accepts.
+    """
+    valid = valid_kwargs(opt_cls)
+    unknown = sorted(set(kwargs) - set(valid) - {"params"})
+    if unknown:
+        raise TypeError(
+            f"Optimizer '{opt_cls.__name__}' does not accept arguments: {', '.join(unknown)}; "
+            f"valid arguments: {', '.join(valid)}."
+        )
+
+
 def get_configured_optimizer_cls(name: str, **kwargs: Any) -> type[torch.optim.Optimizer]:
     """A subclass of the registered class whose constructor has ``kwargs`` bound as defaults.
 
-    Unknown keyword arguments raise ``TypeError`` listing the valid ones, at configuration time
-    rather than when the optimizer is first built.
+    Unknown keyword arguments raise ``TypeError`` listing the valid ones (:func:`validate_optimizer_args`),
+    at configuration time rather than when the optimizer is first built.
     """
     cls = get_optimizer_cls(name)
-    valid = valid_kwargs(cls)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"{cls.__name__} ({name!r}) got unexpected argument(s) {', '.join(unknown)}; "
-            f"valid arguments: {', '.join(valid)}."
-        )
+    validate_optimizer_args(cls, kwargs)
     bound = dict(kwargs)
 
     def __init__(self: Any, params: Any, **more: Any) -> None:

@@ -118,7 +118,8 @@ def test_named_parameters_module_and_plain_params_are_routed():
 
 def test_route_override_and_pinned_groups():
     model = Net()
-    opt = MuonAdamW(model.named_parameters(), route=lambda n, p: "adamw" if n.startswith("fc2") else default_route(n, p))
+    opt = MuonAdamW(model.named_parameters(),
+                    route=lambda n, p: "adamw" if n.startswith("fc2") else default_route(n, p))
     assert sorted(n for n, s in sides(opt).items() if s == "matrix") == ["conv.weight", "fc1.weight"]
     assert "route()" in opt.summary()
 

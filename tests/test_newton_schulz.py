@@ -251,7 +251,7 @@ def test_bad_inputs() -> None:
         newton_schulz(x, 4, "cubic5")
     with pytest.raises(ValueError, match="coefficient_type"):
         newton_schulz(x, 5, "quartic")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="needs custom_coefficient_sets"):
+    with pytest.raises(ValueError, match="custom_coefficient_sets must be provided when coefficient_type is 'custom'"):
         newton_schulz(x, 5, "custom")
     with pytest.raises(ValueError, match="only used with coefficient_type='custom'"):
         newton_schulz(x, 5, "quintic", [(1.0, 2.0, 3.0)])

@@ -33,7 +33,7 @@ def test_configured_class_binds_defaults():
 
 
 def test_configured_unknown_kwarg_lists_valid_ones():
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) momentum; valid arguments: lr, betas"):
+    with pytest.raises(TypeError, match=r"'Lion' does not accept arguments: momentum; valid arguments: lr, betas"):
         registry.get_configured_optimizer_cls("lion", momentum=0.9)
 
 
@@ -46,10 +46,31 @@ def test_every_registered_optimizer_is_configurable_with_its_own_kwargs():
 
 
 def test_register_rejects_duplicates_and_bad_names():
+    # the reference library's rules: a name registers once, whatever the class; names are case-insensitive
     with pytest.raises(ValueError, match="already registered"):
         registry.register_optimizer("lion")(type("Other", (torch.optim.SGD,), {}))
-    with pytest.raises(ValueError, match="lower-case"):
-        registry.register_optimizer("Lion")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_optimizer("lion")(eo.Lion)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_optimizer("LION")(type("Other", (torch.optim.SGD,), {}))
+    assert registry.get_optimizer_cls("Lion") is eo.Lion
+    for bad in ("", "  ", None):
+        with pytest.raises(ValueError, match="Invalid optimizer name"):
+            registry.register_optimizer(bad)  # type: ignore[arg-type]
+
+
+def test_validate_optimizer_args():
+    registry.validate_optimizer_args(eo.Muon, {"lr": 0.1, "params": [], "num_ns_steps": 3})
+    with pytest.raises(TypeError, match="'Muon' does not accept arguments: nonexistent_arg; valid arguments: lr"):
+        registry.validate_optimizer_args(eo.Muon, {"nonexistent_arg": 42})
+    # a subclass whose constructor forwards *args/**kwargs is checked against what its bases accept
+    class Wrapped(eo.Muon):
+        def __init__(self, *args, extra: int = 0, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    registry.validate_optimizer_args(Wrapped, {"extra": 1, "nesterov": True})
+    with pytest.raises(TypeError, match="does not accept arguments: nope"):
+        registry.validate_optimizer_args(Wrapped, {"nope": 1})
 
 
 class _Decayer(WeightDecayMixin):

@@ -67,7 +67,8 @@ class Signum(EmergingOptimizer):
         check_nonneg("wd", wd)
         if not isinstance(rescale_grad, (int, float)) or isinstance(rescale_grad, bool):
             raise ValueError(f"Invalid rescale_grad: {rescale_grad!r}; it must be a number.")
-        if clip_gradient is not None and (not isinstance(clip_gradient, (int, float)) or isinstance(clip_gradient, bool)):
+        bad_type = not isinstance(clip_gradient, (int, float)) or isinstance(clip_gradient, bool)
+        if clip_gradient is not None and bad_type:
             raise ValueError(f"Invalid clip_gradient: {clip_gradient!r}; use a number (<= 0 or None: no clipping).")
         defaults = dict(lr=learning_rate, momentum=momentum, wd_lh=wd_lh, wd=wd, rescale_grad=rescale_grad,
                         clip_gradient=clip_gradient)

@@ -41,7 +41,7 @@ from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT,
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT, newton_schulz
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import WeightUpdateHook
 from emerging_optimizers.registry import register_optimizer
-from emerging_optimizers.utils import FP32MatmulPrecT, check_beta, check_choice, check_positive
+from emerging_optimizers.utils import FP32MatmulPrecT, check_beta, check_choice, check_matrix, check_positive
 
 __all__ = ["AdaptiveMuon", "Moment2MethodT", "calculate_adaptive_muon_update", "moment2_shape", "update_namo_moment2"]
 
@@ -126,6 +126,8 @@ class AdaptiveMuon(Muon):
             :class:`Muon` (``momentum_dtype`` also sets the second moment's dtype).
     """
 
+    param_ndim = (2, 2)
+
     def __init__(
         self,
         params: ParamsT,
@@ -185,13 +187,6 @@ class AdaptiveMuon(Muon):
         if group["stacked_dims"] != 0 or group["split_sizes"] is not None:
             raise ValueError("AdaptiveMuon supports 2-D parameters only: use stacked_dims=0 and split_sizes=None.")
 
-    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim != 2 or not p.is_floating_point():
-            raise ValueError(
-                f"AdaptiveMuon updates floating-point 2-D matrices, got shape {tuple(p.shape)}, dtype {p.dtype}; "
-                "use Muon for conv kernels or stacked matrices and an AdamW-type optimizer for 1-D parameters."
-            )
-
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = super()._init_param_state(p, group)
         buf = state["momentum_buffer"]
@@ -200,21 +195,20 @@ class AdaptiveMuon(Muon):
         return state
 
     # ------------------------------------------------------------------ step
-    def _momentum_direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        if group["moment2_method"] == "namo":
-            assert p.grad is not None
-            grad = p.grad
-            if group["weight_decay_method"] == "l2":  # the only method that changes the gradient (and not p)
-                grad = apply_weight_decay(p, grad, "l2", group["lr"], group["weight_decay"])
-            update_namo_moment2(self.state[p]["moment2_buffer"], grad, group["beta2"])
-        return super()._momentum_direction(p, group)
+    # As in the reference library: ``orthogonalize`` returns the plain Newton-Schulz output O; the step then
+    # applies ``_apply_moment2_normalization`` and ``_apply_muon_scale`` (subclasses may override any of them).
+    def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaled_orthogonalize_fn``: the unscaled ``NS(x)`` with the default group's options (as the reference)."""
+        return self.orthogonalize(x, x, **self.defaults)
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """``NS(D)``, adapted by the second moment, times Muon's scale (module docstring)."""
-        if grad.ndim != 2:
-            raise ValueError(f"AdaptiveMuon.orthogonalize supports 2-D inputs only, got shape {tuple(grad.shape)}.")
+        """``O = NS(D)``: the plain orthogonalized direction, before the second moment and Muon's scale.
+
+        Float32 (float64 for float64 input) whatever the parameter dtype; ``kwargs`` is the param group.
+        """
+        check_matrix(grad, f"{type(self).__name__}.orthogonalize")
         work_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        orth = newton_schulz(
+        return newton_schulz(
             grad,
             kwargs["num_ns_steps"],
             kwargs["coefficient_type"],
@@ -223,14 +217,65 @@ class AdaptiveMuon(Muon):
             compute_dtype=kwargs["ns_compute_dtype"],
             out_dtype=work_dtype,
         )
-        if p in self.state and "moment2_buffer" in self.state[p]:
-            moment2 = self.state[p]["moment2_buffer"]
-        else:  # called outside step() (e.g. the base's default scaled_orthogonalize_fn): a fresh, discarded state
-            moment2 = torch.zeros(
-                moment2_shape(grad.shape, kwargs["moment2_method"]), dtype=work_dtype, device=grad.device
-            )
-        update = calculate_adaptive_muon_update(
-            orth, moment2, grad, moment2_method=kwargs["moment2_method"], beta2=kwargs["beta2"], eps=kwargs["eps"]
+
+    def _apply_moment2_normalization(
+        self,
+        orth_grad: torch.Tensor,
+        moment2: torch.Tensor,
+        beta2: float,
+        eps: float,
+        *,
+        raw_grad: torch.Tensor | None = None,
+        pre_orth_grad: torch.Tensor | None = None,
+        moment2_method: Moment2MethodT | None = None,
+    ) -> torch.Tensor:
+        """Update ``moment2`` in place and return the adapted update ``Uh`` (module docstring).
+
+        ``raw_grad`` (the gradient after weight decay, before momentum) and ``pre_orth_grad`` (the direction
+        ``D``) are needed by ``namo`` only. ``moment2_method`` defaults to the constructor's.
+        """
+        method = self.moment2_method if moment2_method is None else moment2_method
+        if method == "namo":
+            if raw_grad is None or pre_orth_grad is None:
+                raise ValueError("moment2_method='namo' needs raw_grad and pre_orth_grad.")
+            update_namo_moment2(moment2, raw_grad, beta2)
+        direction = orth_grad if pre_orth_grad is None else pre_orth_grad
+        return calculate_adaptive_muon_update(
+            orth_grad, moment2, direction, moment2_method=method, beta2=beta2, eps=eps
         )
-        scale = get_muon_scale_factor(grad.shape[0], grad.shape[1], kwargs["scale_mode"])
-        return update.mul_(scale * kwargs["extra_scale_factor"])
+
+    def _apply_muon_scale(
+        self,
+        update: torch.Tensor,
+        size_out: int,
+        size_in: int,
+        *,
+        scale_mode: MuonScaleT | None = None,
+        extra_scale_factor: float | None = None,
+    ) -> torch.Tensor:
+        """``update * s(size_out, size_in) * extra_scale_factor`` (the constructor's values unless given)."""
+        mode = self.scale_mode if scale_mode is None else scale_mode
+        extra = self.extra_scale_factor if extra_scale_factor is None else extra_scale_factor
+        return update.mul_(get_muon_scale_factor(size_out, size_in, mode) * extra)
+
+    def _orthogonalize_params(
+        self, params: list[torch.Tensor], directions: list[torch.Tensor], group: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        orths = super()._orthogonalize_params(params, directions, group)  # self.orthogonalize per parameter
+        updates = []
+        for p, d, orth in zip(params, directions, orths):
+            raw_grad = None
+            if group["moment2_method"] == "namo":
+                assert p.grad is not None
+                raw_grad = p.grad
+                if group["weight_decay_method"] == "l2":  # the only method that changes the gradient (not p)
+                    raw_grad = apply_weight_decay(p, raw_grad, "l2", group["lr"], group["weight_decay"])
+            update = self._apply_moment2_normalization(
+                orth, self.state[p]["moment2_buffer"], group["beta2"], group["eps"], raw_grad=raw_grad,
+                pre_orth_grad=d, moment2_method=group["moment2_method"],
+            )
+            updates.append(
+                self._apply_muon_scale(update, update.size(-2), update.size(-1), scale_mode=group["scale_mode"],
+                                       extra_scale_factor=group["extra_scale_factor"])
+            )
+        return updates

@@ -85,6 +85,8 @@ class MOP(OrthogonalizedOptimizer):
         momentum_dtype: dtype of the momentum buffer (``None``: the parameter's).
     """
 
+    param_ndim = (2, None)
+
     def __init__(
         self,
         params: ParamsT,
@@ -119,13 +121,6 @@ class MOP(OrthogonalizedOptimizer):
         super()._validate_group(group)
         check_choice("scale_mode", group["scale_mode"], _SCALE_MODES)
         check_positive("extra_scale_factor", group["extra_scale_factor"])
-
-    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim < 2 or not p.is_floating_point():
-            raise ValueError(
-                f"MOP updates floating-point matrices (ndim >= 2), got shape {tuple(p.shape)}, dtype {p.dtype}; "
-                "optimize biases and norm weights with an AdamW-type optimizer."
-            )
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Exact polar factor of the direction viewed as ``[out, -1]``, scaled by ``scale_mode``."""

@@ -48,12 +48,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import ParamsT, read_only_default
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import (
     NSCoeffT,
     NSMethodT,
-    get_coefficients,
+    check_ns_options,
     newton_schulz,
     prefers_batching,
 )
@@ -64,7 +64,7 @@ from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer impo
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.utils import FP32MatmulPrecT, check_choice, check_positive
 
-__all__ = ["Muon", "MuonScaleT", "get_muon_scale_factor", "scaled_newton_schulz"]
+__all__ = ["Muon", "MuonScaleT", "check_scale_mode", "get_muon_scale_factor", "scaled_newton_schulz"]
 
 MuonScaleT = Literal["shape_scaling", "spectral", "unit_rms_norm"]
 _SCALE_MODES: tuple[str, ...] = get_args(MuonScaleT)
@@ -75,13 +75,21 @@ _MAX_BATCH_NUMEL = 1 << 25
 
 def get_muon_scale_factor(size_out: int, size_in: int, mode: MuonScaleT = "spectral") -> float:
     """Scale of the orthogonalized update of a ``size_out x size_in`` matrix (module docstring)."""
+    check_scale_mode(mode)
     if mode == "shape_scaling":
         return math.sqrt(max(1.0, size_out / size_in))
     if mode == "spectral":
         return math.sqrt(max(size_out, size_in))
-    if mode == "unit_rms_norm":
-        return math.sqrt(size_out / size_in)
-    raise ValueError(f"Invalid scale_mode: {mode!r}; choose one of {', '.join(map(repr, _SCALE_MODES))}.")
+    return math.sqrt(size_out / size_in)  # unit_rms_norm
+
+
+def check_scale_mode(mode: Any) -> None:
+    """``mode`` must be a :data:`MuonScaleT`; ``ValueError`` listing the choices otherwise."""
+    if mode not in _SCALE_MODES:
+        raise ValueError(
+            f"Invalid mode for Muon update scale factor (scale_mode): {mode!r}; choose one of "
+            f"{', '.join(map(repr, _SCALE_MODES))}."
+        )
 
 
 def scaled_newton_schulz(
@@ -95,6 +103,7 @@ def scaled_newton_schulz(
     ns_method: NSMethodT = "auto",
     ns_compute_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    use_syrk: bool = False,
 ) -> torch.Tensor:
     """Muon's update of a matrix or a batch ``[..., m, n]``: ``NS_K(x) * s(m, n) * extra_scale_factor``."""
     u = newton_schulz(
@@ -102,6 +111,7 @@ def scaled_newton_schulz(
         num_ns_steps,
         coefficient_type,
         custom_coefficient_sets,
+        use_syrk=use_syrk,
         method=ns_method,
         compute_dtype=ns_compute_dtype,
         out_dtype=out_dtype,
@@ -143,8 +153,10 @@ class Muon(OrthogonalizedOptimizer):
         coefficient_type: Newton-Schulz coefficient set. num_ns_steps: iterations (>= 1).
         scale_mode: ``"spectral" | "shape_scaling" | "unit_rms_norm"``. extra_scale_factor: multiplies it.
         custom_coefficient_sets: (a, b, c) tuples for ``coefficient_type="custom"`` (cycled).
-        use_syrk: accepted for compatibility with the reference library and ignored: symmetric products are
-            chosen by ``ns_method``.
+        use_syrk: under ``fp32_matmul_prec="medium"``, compute the symmetric products of every Newton-Schulz
+            step with :func:`~.muon_utils.newton_schulz_step_tsyrk` (matrices whose dims are multiples of 8;
+            others fall back to GEMM, as in the reference). Needs ``ns_method="auto"``. Unlike the reference,
+            it is never switched off for lack of Triton or of a given GPU: the symmetric step runs everywhere.
         weight_update_hook: a :class:`WeightUpdateHook`.
         ns_method: Newton-Schulz computation (``"auto"`` picks the cheapest exact variant per shape).
         ns_compute_dtype: Newton-Schulz compute dtype (``None``: float32, or bf16 on CUDA under ``"medium"``;
@@ -178,7 +190,7 @@ class Muon(OrthogonalizedOptimizer):
         momentum_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(use_syrk, bool):
-            raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False (it is ignored).")
+            raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False.")
         super().__init__(
             params,
             lr,
@@ -194,6 +206,7 @@ class Muon(OrthogonalizedOptimizer):
             scale_mode=scale_mode,
             extra_scale_factor=extra_scale_factor,
             custom_coefficient_sets=custom_coefficient_sets,
+            use_syrk=use_syrk,
             ns_method=ns_method,
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
@@ -202,21 +215,12 @@ class Muon(OrthogonalizedOptimizer):
         )
 
     # ------------------------------------------------------------------ read-only views of the defaults
-    @property
-    def num_ns_steps(self) -> int:
-        return int(self.defaults["num_ns_steps"])
-
-    @property
-    def coefficient_type(self) -> NSCoeffT:
-        return self.defaults["coefficient_type"]  # type: ignore[no-any-return]
-
-    @property
-    def scale_mode(self) -> MuonScaleT:
-        return self.defaults["scale_mode"]  # type: ignore[no-any-return]
-
-    @property
-    def extra_scale_factor(self) -> float:
-        return float(self.defaults["extra_scale_factor"])
+    # (per-group values live in param_groups; the reference library exposes these as read-only attributes)
+    num_ns_steps = read_only_default("num_ns_steps")
+    coefficient_type = read_only_default("coefficient_type")
+    scale_mode = read_only_default("scale_mode")
+    extra_scale_factor = read_only_default("extra_scale_factor")
+    use_syrk = read_only_default("use_syrk")
 
     def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
         """``scaled_orthogonalize_fn`` of the base: :func:`scaled_newton_schulz` with the default group."""
@@ -225,13 +229,15 @@ class Muon(OrthogonalizedOptimizer):
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        steps = group["num_ns_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Invalid num_ns_steps: {steps!r}; it must be an integer >= 1.")
-        get_coefficients(steps, group["coefficient_type"], group["custom_coefficient_sets"])
-        check_choice("scale_mode", group["scale_mode"], _SCALE_MODES)
+        check_ns_options(group["num_ns_steps"], group["coefficient_type"], group["custom_coefficient_sets"])
+        check_scale_mode(group["scale_mode"])
         check_positive("extra_scale_factor", group["extra_scale_factor"])
         check_choice("ns_method", group["ns_method"], _NS_METHODS)
+        if not isinstance(group["use_syrk"], bool):
+            raise TypeError(f"Invalid use_syrk: {group['use_syrk']!r}; it must be True or False.")
+        if group["use_syrk"] and group["ns_method"] != "auto":
+            raise ValueError(f"use_syrk=True chooses the products itself; leave ns_method='auto' "
+                             f"(got {group['ns_method']!r}).")
         cdt = group["ns_compute_dtype"]
         if cdt is not None and cdt not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(
@@ -250,6 +256,7 @@ class Muon(OrthogonalizedOptimizer):
             raise ValueError(f"Invalid split_sizes: {ss!r}; use None or a sequence of integers >= 1.")
 
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        super()._validate_param(p, group)  # subclasses limited to plain matrices set ``param_ndim``
         sd = group["stacked_dims"]
         if p.ndim - sd < 2:
             if p.ndim < 2:
@@ -282,6 +289,7 @@ class Muon(OrthogonalizedOptimizer):
             "extra_scale_factor": group["extra_scale_factor"],
             "ns_method": group["ns_method"],
             "ns_compute_dtype": group["ns_compute_dtype"],
+            "use_syrk": group["use_syrk"],
         }
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:

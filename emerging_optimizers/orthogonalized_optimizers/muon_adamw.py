@@ -428,7 +428,8 @@ class MuonAdamW(EmergingOptimizer):
             for side, group in split.groups.items():
                 if any(id(p[1] if isinstance(p, tuple) else p) in known for p in group["params"]):
                     raise ValueError("some parameters appear in more than one parameter group")
-                if named is not None and any(isinstance(p, tuple) for p in group["params"]) != named and group["params"]:
+                group_named = any(isinstance(p, tuple) for p in group["params"])
+                if named is not None and group_named != named and group["params"]:
                     raise ValueError("all param groups must be given with names or all without "
                                      "(model.named_parameters() vs model.parameters()).")
                 self._inner[side].add_param_group(group)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, get_args
@@ -58,13 +59,22 @@ __all__ = [
     "CoeffIterMode",
     "NSCoeffT",
     "NSMethodT",
+    "batched_newton_schulz_step",
+    "check_ns_options",
+    "batched_newton_schulz_step_tsyrk",
     "get_coefficient_iterator",
     "get_coefficients",
     "newton_schulz",
+    "newton_schulz_step",
+    "newton_schulz_step_tsyrk",
+    "newton_schulz_tp",
+    "distributed_normalize_p2",
     "ns_compute_dtype",
     "ns_flop_model",
     "prefers_batching",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 NSCoeffT = Literal["simple", "quintic", "polar_express", "cans", "aol", "deepseekv4", "custom", "cubic5"]
 CoeffIterMode = Literal["cycle", "repeat_last"]
@@ -130,6 +140,9 @@ COEFFICIENT_SETS: dict[str, tuple[tuple[CoeffT, ...], CoeffIterMode]] = {
         "cycle",
     ),
 }
+#: The same table in the reference library's shape: name -> list of (a, b, c) tuples (no iteration mode;
+#: ``polar_express``, ``cans`` and ``deepseekv4`` repeat their last tuple, the others cycle).
+_COEFFICIENT_SETS: dict[str, list[CoeffT]] = {name: list(tuples) for name, (tuples, _) in COEFFICIENT_SETS.items()}
 _COEFF_TYPES: tuple[str, ...] = get_args(NSCoeffT)
 _ITER_MODES: tuple[str, ...] = get_args(CoeffIterMode)
 _METHODS: tuple[str, ...] = get_args(NSMethodT)
@@ -155,7 +168,7 @@ def _check_steps(steps: object) -> int:
 
 def _check_coefficient_sets(sets: object, name: str = "custom_coefficient_sets") -> tuple[CoeffT, ...]:
     if isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence) or len(sets) == 0:
-        raise ValueError(f"Invalid {name}: {sets!r}; pass a non-empty sequence of (a, b, c) tuples.")
+        raise ValueError(f"Invalid {name}: {sets!r}; {name} must be non-empty: pass a sequence of (a, b, c) tuples.")
     out = []
     for i, t in enumerate(sets):
         if isinstance(t, (str, bytes)) or not isinstance(t, Sequence) or len(t) != 3:
@@ -194,7 +207,8 @@ def get_coefficients(
     _check_steps(steps)
     if coefficient_type not in _COEFF_TYPES:
         raise ValueError(
-            f"Invalid coefficient_type: {coefficient_type!r}; choose one of {', '.join(map(repr, _COEFF_TYPES))}."
+            f"Invalid coefficient type: {coefficient_type!r}; coefficient_type must be one of "
+            f"{', '.join(map(repr, _COEFF_TYPES))}."
         )
     if iter_mode is not None and iter_mode not in _ITER_MODES:
         raise ValueError(
@@ -203,7 +217,8 @@ def get_coefficients(
     if coefficient_type == "custom":
         if custom_coefficient_sets is None:
             raise ValueError(
-                "coefficient_type='custom' needs custom_coefficient_sets, e.g. [(3.4445, -4.7750, 2.0315)]."
+                "custom_coefficient_sets must be provided when coefficient_type is 'custom', "
+                "e.g. custom_coefficient_sets=[(3.4445, -4.7750, 2.0315)]."
             )
         sets, mode = _check_coefficient_sets(custom_coefficient_sets), "cycle"
     else:
@@ -216,9 +231,29 @@ def get_coefficients(
         fixed = _FIXED_STEPS.get(coefficient_type)
         if fixed is not None and steps != fixed:
             raise ValueError(
-                f"coefficient_type={coefficient_type!r} is defined for exactly {fixed} steps, got steps={steps}."
+                f"{coefficient_type} is a fixed {fixed}-step schedule (exactly {fixed} steps); got steps={steps}. "
+                f"Use steps={fixed}, or "
+                "coefficient_type='custom' with explicit custom_coefficient_sets."
             )
     return list(get_coefficient_iterator(steps, sets, iter_mode or mode))  # type: ignore[arg-type]
+
+
+def check_ns_options(
+    num_ns_steps: Any,
+    coefficient_type: Any,
+    custom_coefficient_sets: Any = None,
+    *,
+    min_steps: int = 1,
+) -> None:
+    """Validate an optimizer's Newton-Schulz options (the one check the whole family uses).
+
+    ``num_ns_steps`` must be an integer ``>= min_steps``; the coefficient set must exist (``"custom"`` with
+    valid ``custom_coefficient_sets``, fixed-length sets with their length). Raises ``ValueError``.
+    """
+    if isinstance(num_ns_steps, bool) or not isinstance(num_ns_steps, int) or num_ns_steps < min_steps:
+        bound = f"at least {min_steps}" if min_steps else "positive or 0"
+        raise ValueError(f"Invalid num_ns_steps: {num_ns_steps!r}; num_ns_steps must be {bound} (an integer).")
+    get_coefficients(num_ns_steps, coefficient_type, custom_coefficient_sets)
 
 
 # ---------------------------------------------------------------------------------------------- products
@@ -262,36 +297,107 @@ def _sym_left_mul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(p, x)
 
 
+# ---------------------------------------------------------------------------------------------- single steps
+def _all_reduce_(t: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Sum ``t`` in place over ``tp_group`` (no-op without a group): the Gram matrix of a column-sharded X."""
+    if tp_group is not None:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=tp_group)
+    return t
+
+
+def _check_step_input(X: torch.Tensor, ndim: int, name: str) -> None:
+    if not isinstance(X, torch.Tensor) or X.ndim != ndim:
+        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        want = "a 2-D matrix (m, n)" if ndim == 2 else "a 3-D batch (B, m, n)"
+        raise ValueError(f"{name} expects {want}, got {shape}.")
+
+
+def newton_schulz_step(
+    X: torch.Tensor, a: float, b: float, c: float, tp_group: torch.distributed.ProcessGroup | None = None
+) -> torch.Tensor:
+    """One Newton-Schulz step on a matrix ``X`` (m x n), with plain GEMMs::
+
+        A = X X^T ;  X <- a X + (b A + c A^2) X        (c == 0: X <- a X + b A X)
+
+    With ``tp_group``, ``X`` is one shard of a matrix split along its columns (the long side) and ``A`` is
+    summed over the group, so every rank gets its own shard of the step's result. Returns a new tensor.
+    """
+    _check_step_input(X, 2, "newton_schulz_step")
+    A = _all_reduce_(X @ X.mT, tp_group)
+    if c != 0:
+        return torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return torch.addmm(X, A, X, beta=a, alpha=b)
+
+
+def batched_newton_schulz_step(
+    X: torch.Tensor, a: float, b: float, c: float, tp_group: torch.distributed.ProcessGroup | None = None
+) -> torch.Tensor:
+    """:func:`newton_schulz_step` on every matrix of a batch ``X`` of shape ``(B, m, n)`` (``baddbmm``)."""
+    _check_step_input(X, 3, "batched_newton_schulz_step")
+    A = _all_reduce_(torch.bmm(X, X.mT), tp_group)
+    if c != 0:
+        return torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return torch.baddbmm(X, A, X, beta=a, alpha=b)
+
+
+def _sym_step(
+    x: torch.Tensor, a: float, b: float, c: float, scale: torch.Tensor | None = None, tp_group: Any = None
+) -> torch.Tensor:
+    """The same step on ``[B, m, n]``, multiplying only the upper block triangle of ``X X^T`` and ``A^2``.
+
+    ``scale`` (``[B, 1, 1]``) is folded into the ``m x m`` matrices: the step of ``scale * x`` without
+    forming it. ``a`` is added to the diagonal of the polynomial (no copy of ``X`` for the ``a X`` term).
+    """
+    gram = _sym_matmul(x, x.mT)
+    if scale is not None:
+        gram.mul_(scale * scale)
+    _all_reduce_(gram, tp_group)
+    poly = _sym_matmul(gram, gram).mul_(c).add_(gram, alpha=b) if c != 0 else gram.mul_(b)
+    poly.diagonal(dim1=-2, dim2=-1).add_(a)
+    if scale is not None:
+        poly.mul_(scale)
+    return _sym_left_mul(poly, x)
+
+
+def newton_schulz_step_tsyrk(
+    X: torch.Tensor, a: float, b: float, c: float, tp_group: torch.distributed.ProcessGroup | None = None
+) -> torch.Tensor:
+    """:func:`newton_schulz_step` with symmetric ("SYRK") products for ``X X^T`` and ``A^2``.
+
+    The reference library runs this step with a Triton kernel on some NVIDIA GPUs only; here the symmetric
+    products are blocked matmuls (only the upper block triangle is computed, then mirrored), so it runs on
+    every device and dtype. Equal to :func:`newton_schulz_step` up to rounding.
+    """
+    _check_step_input(X, 2, "newton_schulz_step_tsyrk")
+    return _sym_step(X.unsqueeze(0), a, b, c, tp_group=tp_group).squeeze(0)
+
+
+def batched_newton_schulz_step_tsyrk(
+    X: torch.Tensor, a: float, b: float, c: float, tp_group: torch.distributed.ProcessGroup | None = None
+) -> torch.Tensor:
+    """:func:`newton_schulz_step_tsyrk` on every matrix of a batch ``(B, m, n)``."""
+    _check_step_input(X, 3, "batched_newton_schulz_step_tsyrk")
+    return _sym_step(X, a, b, c, tp_group=tp_group)
+
+
 # ---------------------------------------------------------------------------------------------- iterations
 # Each takes the *unnormalised* x of shape [B, m, n] and scale = 1 / max(||x||_F, eps) of shape [B, 1, 1]
 # (or None when x is already normalised). The fast variants fold the scale into their m x m matrices.
 def _ns_plain(x: torch.Tensor, coeffs: Sequence[CoeffT], scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference iteration, three GEMMs per step."""
+    """Reference iteration: :func:`batched_newton_schulz_step`, three GEMMs per step."""
     if scale is not None:
         x = x * scale
     for a, b, c in coeffs:
-        gram = torch.bmm(x, x.mT)
-        if c != 0:
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            x = torch.baddbmm(x, poly, x, beta=a)
-        else:
-            x = torch.baddbmm(x, gram, x, beta=a, alpha=b)
+        x = batched_newton_schulz_step(x, a, b, c)
     return x
 
 
 def _ns_symmetric(x: torch.Tensor, coeffs: Sequence[CoeffT], scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Same iteration; ``X X^T`` and ``A^2`` multiply only their upper block triangle."""
+    """Same iteration with symmetric products (:func:`_sym_step`); the scale is folded into the first step."""
     if not coeffs:
         return x if scale is None else x * scale
     for i, (a, b, c) in enumerate(coeffs):
-        gram = _sym_matmul(x, x.mT)
-        if i == 0 and scale is not None:
-            gram.mul_(scale * scale)  # A_0 of X_0 = scale * x
-        poly = _sym_matmul(gram, gram).mul_(c).add_(gram, alpha=b) if c != 0 else gram.mul_(b)
-        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # X <- (a I + b A + c A^2) X: no copy of X for the a X term
-        if i == 0 and scale is not None:
-            poly.mul_(scale)
-        x = _sym_left_mul(poly, x)
+        x = _sym_step(x, a, b, c, scale if i == 0 else None)
     return x
 
 
@@ -409,6 +515,40 @@ def _gram_is_safe(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- public entry
+#: How often a ``use_syrk`` fallback is logged (as the reference does).
+_SYRK_SKIP_LOG_LIMIT = 8
+_syrk_skips = 0
+
+
+def _log_syrk_skip(shape: tuple[int, ...]) -> None:
+    global _syrk_skips
+    if _syrk_skips < _SYRK_SKIP_LOG_LIMIT:
+        _syrk_skips += 1
+        _LOG.error(
+            "[SYRK-SKIP] skipping SYRK for shape %s because GEMM M or N is not a multiple of 8 (16-byte aligned); "
+            "using GEMM.",
+            shape,
+        )
+
+
+def distributed_normalize_p2(
+    x: torch.Tensor, eps: float, group: torch.distributed.ProcessGroup, normalize_in_double: bool = False
+) -> torch.Tensor:
+    """``x`` divided by the Frobenius norm of the whole matrix it is a shard of (squares summed over ``group``).
+
+    Each matrix of a batch ``[..., m, n]`` gets its own norm. The norm is floored at ``eps``, except with
+    ``normalize_in_double``: the squares are then summed in float64 (no float32 underflow for tiny entries)
+    and, as in the reference library, not floored (an all-zero matrix gives NaN).
+    """
+    acc = torch.float64 if normalize_in_double else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    sq = x.to(acc).square().sum(dim=(-2, -1), keepdim=True)
+    _all_reduce_(sq, group)
+    norm = sq.sqrt()
+    if not normalize_in_double:
+        norm = norm.clamp_min(eps)
+    return (x.to(acc) / norm).to(x.dtype)
+
+
 def newton_schulz(
     x: torch.Tensor,
     steps: int,
@@ -416,14 +556,18 @@ def newton_schulz(
     custom_coefficient_sets: Sequence[CoeffT] | None = None,
     eps: float = 1e-15,
     transpose: bool | None = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+    use_syrk: bool = False,
+    normalize_in_double: bool = False,
     *,
     method: NSMethodT = "auto",
     iter_mode: CoeffIterMode | None = None,
-    normalize_in_double: bool = False,
     compute_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Approximately orthogonalize ``x`` (2-D, or a batch ``[..., m, n]`` of matrices) with Newton-Schulz.
+
+    The positional arguments are the reference library's, in its order; ``method`` and the rest are ours.
 
     Args:
         x: float32, bfloat16, float16 or float64 tensor with ``ndim >= 2``; leading dims are a batch.
@@ -433,9 +577,18 @@ def newton_schulz(
         eps: floor of the Frobenius norm used to normalise (an all-zero input gives zeros).
         transpose: iterate on ``x^T``; ``None`` transposes tall inputs (rows > cols) so the work is on the
             short side.
+        tp_group: ``x`` is one shard of a matrix split along its long side (after ``transpose``) over this
+            process group: the norm and every Gram matrix are summed over the group (plain products) and the
+            result is this rank's shard. See :func:`newton_schulz_tp`.
+        use_syrk: under ``torch.get_float32_matmul_precision() == "medium"`` (the reference's bf16 mode),
+            compute the two symmetric products of each step with :func:`newton_schulz_step_tsyrk` when both
+            matrix dims are multiples of 8; other shapes fall back to the GEMM step with a logged
+            ``[SYRK-SKIP]`` error, as in the reference. No effect at other precisions (``method="auto"``
+            already picks symmetric products where they pay). Needs ``method="auto"``.
+        normalize_in_double: reduce the Frobenius norm in float64 and, as the reference, do not floor it at
+            ``eps`` (an input of norm 1e-28 is normalised exactly; an all-zero input gives NaN).
         method: ``"auto"``, ``"plain"``, ``"symmetric"`` or ``"gram"`` (module docstring).
         iter_mode: override how the coefficient set continues past its last tuple.
-        normalize_in_double: reduce the Frobenius norm in float64.
         compute_dtype: force the compute dtype (default: :func:`ns_compute_dtype`).
         out_dtype: dtype of the result (default: ``x.dtype``).
 
@@ -457,8 +610,14 @@ def newton_schulz(
         raise ValueError(f"Invalid eps: {eps!r}; it must be a finite number > 0.")
     if transpose is not None and not isinstance(transpose, bool):
         raise ValueError(f"Invalid transpose: {transpose!r}; use True, False or None (transpose tall inputs).")
+    if not isinstance(use_syrk, bool):
+        raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False.")
     if method not in _METHODS:
         raise ValueError(f"Invalid method: {method!r}; choose one of {', '.join(map(repr, _METHODS))}.")
+    if use_syrk and method != "auto":
+        raise ValueError(f"use_syrk=True chooses the products itself; leave method='auto' (got {method!r}).")
+    if tp_group is not None and method not in ("auto", "plain"):
+        raise ValueError(f"tp_group runs the plain (or use_syrk) products; leave method='auto' (got {method!r}).")
     if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"Invalid compute_dtype: {compute_dtype!r}; use a floating dtype.")
     coeffs = get_coefficients(steps, coefficient_type, custom_coefficient_sets, iter_mode)
@@ -474,38 +633,107 @@ def newton_schulz(
     y = x.reshape(-1, rows, cols)
     if transpose:
         y = y.mT
+    m, n = y.shape[-2], y.shape[-1]
+
+    # Which step functions: the public single-step functions (looked up at call time) for the reference's
+    # paths (use_syrk under "medium", tp_group, method="plain"); a whole-iteration form otherwise.
+    stepwise: str | None = None
+    if use_syrk and torch.get_float32_matmul_precision() == "medium":
+        if m % 8 == 0 and n % 8 == 0:
+            stepwise = "tsyrk"
+        else:
+            _log_syrk_skip(tuple(y.shape[1:]) if x.ndim > 2 else (m, n))
+            stepwise = "gemm"
+    elif tp_group is not None or method == "plain":
+        stepwise = "gemm"
 
     # X_0 = x * scale with scale = 1 / max(||x||_F, eps), per matrix
-    if normalize_in_double:
-        norm_dtype = torch.float64
+    if tp_group is not None:
+        y = distributed_normalize_p2(y, eps, tp_group, normalize_in_double).to(cdtype)
+        scale: torch.Tensor | None = None
     else:
-        norm_dtype = cdtype if cdtype in (torch.float32, torch.float64) else torch.float32
-    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-    inv_norm = norm.clamp_min(eps).reciprocal()
-    scale: torch.Tensor | None = None
-    if normalize_in_double or cdtype == torch.float16:  # fp16: normalise first, x x^T could overflow
-        y = (y.to(norm_dtype) * inv_norm).to(cdtype)
-    else:
-        y = y.to(cdtype)
-        scale = inv_norm.to(cdtype)
+        norm_dtype = torch.float64 if normalize_in_double else (cdtype if cdtype == torch.float64 else torch.float32)
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+        inv_norm = norm.reciprocal() if normalize_in_double else norm.clamp_min(eps).reciprocal()
+        scale = None
+        if normalize_in_double or cdtype == torch.float16 or stepwise is not None:
+            # fp16: normalise first, x x^T could overflow; step functions take the normalised matrix
+            y = (y.to(norm_dtype) * inv_norm).to(cdtype)
+        else:
+            y = y.to(cdtype)
+            scale = inv_norm.to(cdtype)
 
-    m, n = y.shape[-2], y.shape[-1]
-    if method == "auto":
+    if stepwise is None and method == "auto":
         # bf16/fp16 products are fast enough that the blocked symmetric ones lose to one plain GEMM (measured).
+        # The Gram form is kept to the built-in coefficient sets, whose error growth it was validated for.
         exact = cdtype in (torch.float32, torch.float64)
-        method = _choose_method(min(m, n), max(m, n), coeffs, _gram_is_safe(y.device, cdtype), exact)  # type: ignore[assignment]
-    impl = _IMPLS[method]
+        allow_gram = _gram_is_safe(y.device, cdtype) and coefficient_type != "custom"
+        method = _choose_method(min(m, n), max(m, n), coeffs, allow_gram, exact)  # type: ignore[assignment]
+
+    def run_steps(z: torch.Tensor) -> torch.Tensor:
+        two_d = x.ndim == 2
+        names = {"gemm": ("newton_schulz_step", "batched_newton_schulz_step"),
+                 "tsyrk": ("newton_schulz_step_tsyrk", "batched_newton_schulz_step_tsyrk")}[stepwise]  # type: ignore[index]
+        step_fn = globals()[names[0] if two_d else names[1]]  # resolved per call: patched functions are honoured
+        if two_d:
+            z = z[0]
+        for a, b, c in coeffs:
+            z = step_fn(z, a, b, c, tp_group=tp_group)
+        return z.unsqueeze(0) if two_d else z
 
     def run(z: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        if method == "gram" and m > n:  # Q_k would be m x m: iterate on z^T (same result: odd polynomial)
+        if stepwise is not None:
+            z = run_steps(z)
+        elif method == "gram" and m > n:  # Q_k would be m x m: iterate on z^T (same result: odd polynomial)
             z = _ns_gram(z.mT, coeffs, sc).mT
         else:
-            z = impl(z, coeffs, sc)
+            z = _IMPLS[method](z, coeffs, sc)
         return (z.mT if transpose else z).to(out_dtype).contiguous()
 
     with _exact_matmul_context(y.device, cdtype):
-        if y.shape[0] > 1 and not prefers_batching(y.device, m, n):
+        if y.shape[0] > 1 and stepwise is None and not prefers_batching(y.device, m, n):
             out = torch.cat([run(y[i : i + 1], None if scale is None else scale[i : i + 1]) for i in range(y.shape[0])])
         else:
             out = run(y, scale)
     return out.reshape(shape)
+
+
+def newton_schulz_tp(
+    x: torch.Tensor,
+    steps: int,
+    coefficient_type: NSCoeffT,
+    tp_group: torch.distributed.ProcessGroup,
+    partition_dim: int | None = None,
+    tp_mode: Literal["duplicated", "distributed"] = "duplicated",
+    use_syrk: bool = False,
+) -> torch.Tensor:
+    """Newton-Schulz of a matrix sharded over a tensor-parallel group; returns this rank's shard.
+
+    ``x`` is this rank's shard, split along ``partition_dim`` (``None``: not sharded, plain
+    :func:`newton_schulz`). ``tp_mode``:
+
+    * ``"duplicated"``: all-gather the shards, orthogonalize the whole matrix on every rank, keep this
+      rank's chunk (communication: one all-gather of the matrix; compute: the whole iteration per rank);
+    * ``"distributed"``: iterate on the shards, all-reducing the Gram matrix of every step (``m x m`` floats
+      per step over the short side; sharding along the short side would make the Gram the long side's).
+
+    Shards must be equal (``torch.chunk`` layout).
+    """
+    if partition_dim is None:
+        return newton_schulz(x, steps, coefficient_type, use_syrk=use_syrk)
+    if tp_mode not in ("duplicated", "distributed"):
+        raise ValueError(f"Invalid tp_mode: {tp_mode!r}; use 'duplicated' or 'distributed'.")
+    if x.ndim != 2:
+        raise ValueError(f"newton_schulz_tp expects a 2-D shard, got shape {tuple(x.shape)}.")
+    if partition_dim not in (0, 1, -1, -2):
+        raise ValueError(f"Invalid partition_dim: {partition_dim!r}; a 2-D shard is split along 0 or 1.")
+    if tp_group is None:
+        raise ValueError("newton_schulz_tp needs a tp_group when partition_dim is set.")
+    partition_dim %= 2
+    world = torch.distributed.get_world_size(tp_group)
+    if tp_mode == "duplicated":
+        shards = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(shards, x.contiguous(), group=tp_group)
+        full = newton_schulz(torch.cat(shards, dim=partition_dim), steps, coefficient_type, use_syrk=use_syrk)
+        return full.chunk(world, dim=partition_dim)[torch.distributed.get_rank(tp_group)].contiguous()
+    return newton_schulz(x, steps, coefficient_type, transpose=partition_dim == 0, tp_group=tp_group, use_syrk=use_syrk)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic
 
 import torch
 
@@ -38,37 +38,15 @@ from emerging_optimizers.utils import (
     FP32MatmulPrecT,
     check_beta,
     check_choice,
+    check_matrix,
     check_nonneg,
     fp32_matmul_precision,
 )
+from emerging_optimizers.weight_update_hooks.base import HookStateT, NoOpWeightUpdateHook, WeightUpdateHook
 
 __all__ = ["HookStateT", "NoOpWeightUpdateHook", "OrthogonalizedOptimizer", "WeightUpdateHook"]
 
-HookStateT = TypeVar("HookStateT", bound=torch.Tensor | None)
 _FP32_MATMUL_PRECS = ("highest", "high", "medium")
-
-
-@runtime_checkable
-class WeightUpdateHook(Protocol[HookStateT]):
-    """Called around ``p <- p - lr * update``; the state returned by ``pre`` is handed to ``post``.
-
-    The state is transient (never stored in ``optimizer.state``). ``update`` is a fresh tensor the hook may
-    modify in place; ``p`` may be projected in place after the update.
-    """
-
-    def pre_weight_update_inplace(self, p: torch.Tensor, update: torch.Tensor) -> HookStateT: ...
-
-    def post_weight_update_inplace(self, p: torch.Tensor, pre_update_state: HookStateT) -> None: ...
-
-
-class NoOpWeightUpdateHook:
-    """A hook that does nothing (the default)."""
-
-    def pre_weight_update_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
-        return None
-
-    def post_weight_update_inplace(self, p: torch.Tensor, pre_update_state: None) -> None:
-        return None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +148,16 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
                 f"Invalid momentum_dtype: {mdt!r}; use None (the parameter's dtype) or e.g. torch.float32."
             )
 
+    #: ``(min, max)`` dims of the parameters a subclass takes (``max`` None: any rank >= 2, viewed as
+    #: ``[out, -1]``); ``None``: any parameter (the base, whose ``scaled_orthogonalize_fn`` decides).
+    param_ndim: ClassVar[tuple[int, int | None] | None] = None
+
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """Check one parameter of a group at construction (subclasses override; the base accepts any)."""
+        """Check one parameter of a group at construction: a floating matrix of ``param_ndim`` dims."""
+        if self.param_ndim is not None:
+            check_matrix(p, type(self).__name__, max_ndim=self.param_ndim[1],
+                         hint="Optimize biases, norm weights and scalars with an AdamW-type optimizer "
+                         "(emerging_optimizers.AdamW), or the whole model with MuonAdamW.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group and validate its hyperparameters and parameters; on error nothing is added."""
@@ -249,11 +235,8 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         ``kwargs`` is the param group without ``params``. Override to handle other shapes, e.g. a conv
         kernel as ``grad.reshape(grad.shape[0], -1)`` reshaped back, or a fused QKV matrix split into parts.
         """
-        if grad.ndim != 2:
-            raise ValueError(
-                f"{type(self).__name__}.orthogonalize supports 2-D parameters only, got shape {tuple(grad.shape)}; "
-                "use Muon (conv kernels, stacked matrices) or override orthogonalize."
-            )
+        check_matrix(grad, f"{type(self).__name__}.orthogonalize",
+                     hint="Use Muon (conv kernels, stacked matrices) or override orthogonalize.")
         return self.scaled_orthogonalize_fn(grad)
 
     def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from emerging_optimizers.base import ParamsT
 from emerging_optimizers.mixin import WeightDecayT
-from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, get_coefficients, newton_schulz
+from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, check_ns_options, newton_schulz
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
     OrthogonalizedOptimizer,
     WeightUpdateHook,
@@ -121,7 +121,8 @@ def one_sided_polargrad_orth_fn(
     """
     _check_matrix("one_sided_polargrad_orth_fn", grad)
     if side not in ("left", "right"):
-        raise ValueError(f"Invalid side: {side!r}; choose 'left' (G G^T, wide matrices) or 'right' (G^T G, tall).")
+        raise ValueError(f"Invalid side: {side!r}; side must be 'left' or 'right' "
+                         "('left': G G^T, wide matrices; 'right': G^T G, tall).")
     _check_finite("alpha", alpha)
     _check_finite("extra_scale_factor", extra_scale_factor)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -191,6 +192,8 @@ class PolarGrad(OrthogonalizedOptimizer):
         momentum_dtype: dtype of the momentum buffer (``None``: the parameter's).
     """
 
+    param_ndim = (2, None)
+
     def __init__(
         self,
         params: ParamsT,
@@ -227,18 +230,10 @@ class PolarGrad(OrthogonalizedOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        steps = group["num_ns_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"Invalid num_ns_steps: {steps!r}; it must be an integer >= 0 (0: normalised direction).")
-        get_coefficients(steps, group["coefficient_type"], group["custom_coefficient_sets"])
+        check_ns_options(
+            group["num_ns_steps"], group["coefficient_type"], group["custom_coefficient_sets"], min_steps=0
+        )
         check_positive("extra_scale_factor", group["extra_scale_factor"])
-
-    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim < 2 or not p.is_floating_point():
-            raise ValueError(
-                f"PolarGrad updates floating-point matrices (ndim >= 2), got shape {tuple(p.shape)}, dtype {p.dtype}; "
-                "optimize biases and norm weights with an AdamW-type optimizer."
-            )
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """``NS(D) * <NS(D), D>_F * extra`` with ``D`` the direction viewed as ``[out, -1]``."""

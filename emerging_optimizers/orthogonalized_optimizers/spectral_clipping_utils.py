@@ -15,8 +15,9 @@ With :math:`\operatorname{clip}(s; a, b) = \tfrac12\,[a + b + |a - s| - |b - s|]
 * :func:`spectral_hardcap` ``(X, beta=1.0)``: with :math:`A = \beta O - X`,
   :math:`\tfrac12\,[\beta O + X - (A\,\operatorname{orth}(A)^\top)\,O] = U \operatorname{diag}(\min(s, \beta)) V^\top`
   (:math:`A\,\operatorname{orth}(A)^\top = U |\beta - s| U^\top` is only :math:`m \times m`);
-* :func:`spectral_clipped_weight_decay` ``(X, beta=1.0, c=0.5)`` :math:`= (1-c) X + c\,\operatorname{hardcap}(X, \beta)`:
-  a weight decay that only pulls singular values above ``beta``.
+* :func:`spectral_clipped_weight_decay` ``(X, beta=1.0, c=0.5)``
+  :math:`= (1-c) X + c\,\operatorname{hardcap}(X, \beta)`: a weight decay that only pulls singular values
+  above ``beta``.
 
 ``orth`` and ``sign`` are 8 Newton-Schulz steps with the ``polar_express`` coefficients (arXiv:2505.16932), so
 the result is as accurate as that iteration: singular values much smaller than :math:`\lVert X\rVert_F`, and

@@ -30,7 +30,7 @@ import torch
 
 from emerging_optimizers.base import ParamsT
 from emerging_optimizers.mixin import WeightDecayT
-from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, get_coefficients, newton_schulz
+from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, check_ns_options, newton_schulz
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
     OrthogonalizedOptimizer,
     WeightUpdateHook,
@@ -67,6 +67,8 @@ class Spel(OrthogonalizedOptimizer):
         momentum_dtype: dtype of the momentum buffer (``None``: the parameter's).
     """
 
+    param_ndim = (2, None)
+
     def __init__(
         self,
         params: ParamsT,
@@ -102,17 +104,7 @@ class Spel(OrthogonalizedOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        steps = group["num_ns_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Invalid num_ns_steps: {steps!r}; it must be an integer >= 1.")
-        get_coefficients(steps, group["coefficient_type"], group["custom_coefficient_sets"])
-
-    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim < 2 or not p.is_floating_point():
-            raise ValueError(
-                f"Spel updates floating-point matrices (ndim >= 2), got shape {tuple(p.shape)}, dtype {p.dtype}; "
-                "optimize biases and norm weights with an AdamW-type optimizer."
-            )
+        check_ns_options(group["num_ns_steps"], group["coefficient_type"], group["custom_coefficient_sets"])
 
     @staticmethod
     def _msign_kwargs(group: dict[str, Any]) -> dict[str, Any]:
