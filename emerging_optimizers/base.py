@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["EmergingOptimizer", "ParamsT", "read_only_default"]
+__all__ = ["EmergingOptimizer", "ParamsT", "group_default", "read_only_default"]
+
+#: Group keys that LR/momentum schedulers (and torch) add; a checkpoint may have or lack them.
+_SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum",
+                                   "swa_lr", "param_names"})
 
 ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts, as torch.optim accepts
 
@@ -46,8 +50,32 @@ def read_only_default(name: str) -> property:
     return property(fget, fset, doc=f"The constructor's ``{name}`` (read-only; per-group values: param_groups).")
 
 
+def group_default(name: str) -> property:
+    """An attribute for the param-group option ``name`` that the reference library keeps on ``self``.
+
+    Reading gives the constructor's value; assigning sets it in the defaults and in *every* param group
+    (what assigning the reference's attribute does), after validating each group with the new value.
+    """
+
+    def fget(self: Any) -> Any:
+        return self.defaults[name]
+
+    def fset(self: Any, value: Any) -> None:
+        for group in self.param_groups:
+            self._validate_group({**group, name: value})
+        self.defaults[name] = value
+        for group in self.param_groups:
+            group[name] = value
+
+    return property(fget, fset, doc=f"The ``{name}`` of every param group (assigning sets it in all of them).")
+
+
 class EmergingOptimizer(torch.optim.Optimizer):
     """Base class: closures, grad checks, lazy state, validated ``load_state_dict``."""
+
+    #: State keys a checkpoint may lack (filled with their initial values on load), e.g. the step counter
+    #: of optimizers whose reference-library version keeps none.
+    optional_state_keys: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ subclass interface
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +149,7 @@ class EmergingOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking it fits this optimizer; on any mismatch raise and change nothing."""
         self._check_state_dict(state_dict)
+        state_dict = self._complete_state_dict(state_dict)
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # Re-cast from the saved tensors to the dtype this optimizer keeps its state in (see module doc).
@@ -134,6 +163,28 @@ class EmergingOptimizer(torch.optim.Optimizer):
                 ref = spec.get(key)
                 if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, dtype=ref.dtype, copy=True)
+
+    def _complete_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a checked state dict with what it may lack filled in.
+
+        Group keys missing from a saved group (options this library keeps in the groups but the reference
+        library keeps on ``self`` or lacks, ``initial_lr`` of a scheduler created after the save) take this
+        optimizer's current values; missing :attr:`optional_state_keys` take their initial values.
+        """
+        groups = []
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            filled = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            filled.update(saved)
+            groups.append(filled)
+        state = dict(state_dict["state"])
+        if self.optional_state_keys:
+            for saved, group in zip(groups, self.param_groups):
+                for pid, p in zip(saved["params"], group["params"]):
+                    if state.get(pid) and not set(self.optional_state_keys) <= set(state[pid]):
+                        spec = self._init_param_state(p.detach(), saved)
+                        state[pid] = {**{k: spec[k] for k in self.optional_state_keys if k not in state[pid]},
+                                      **state[pid]}
+        return {**state_dict, "param_groups": groups, "state": state}
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -152,11 +203,11 @@ class EmergingOptimizer(torch.optim.Optimizer):
                 f"this optimizer has {len(self.param_groups)}."
             )
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            missing = sorted(k for k in group if k not in ("params", "param_names") and k not in saved)
-            if missing:
+            foreign = sorted(k for k in saved if k not in group and k not in _SCHEDULER_GROUP_KEYS and k != "params")
+            if foreign:
                 raise ValueError(
-                    f"{name}.load_state_dict: param group {gi} of the state dict lacks {', '.join(missing)}; "
-                    "it was probably saved by a different optimizer."
+                    f"{name}.load_state_dict: param group {gi} of the state dict has {', '.join(foreign)}, which "
+                    f"{name} does not use; it was probably saved by a different optimizer."
                 )
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -169,7 +220,7 @@ class EmergingOptimizer(torch.optim.Optimizer):
                 if not saved_state:
                     continue
                 spec = self._init_param_state(torch.empty_like(p, device="meta"), merged)
-                if set(saved_state) != set(spec):
+                if set(saved_state) != set(spec) and set(saved_state) != set(spec) - set(self.optional_state_keys):
                     raise ValueError(
                         f"{name}.load_state_dict: state of param {pid} (shape {tuple(p.shape)}) has keys "
                         f"{sorted(saved_state)}, expected {sorted(spec)}; it was probably saved by a "

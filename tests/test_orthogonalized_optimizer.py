@@ -210,8 +210,12 @@ def test_per_group_hyperparameters_survive_state_dict() -> None:
     sd = opt.state_dict()
     assert sd["param_groups"][1]["nesterov"] is True and sd["param_groups"][1]["weight_decay_method"] == "l2"
     assert opt.nesterov is False and opt.weight_decay_method == "decoupled" and opt.fp32_matmul_prec == "highest"
-    with pytest.raises(AttributeError):
-        opt.nesterov = True  # type: ignore[misc]
+    # as in the reference library, assigning the attribute sets it for the whole optimizer (every group)
+    opt.nesterov = True
+    assert opt.nesterov is True and all(g["nesterov"] is True for g in opt.param_groups)
+    with pytest.raises(ValueError, match="fp32_matmul_prec"):
+        opt.fp32_matmul_prec = "low"  # type: ignore[assignment]
+    assert opt.fp32_matmul_prec == "highest" and all(g["fp32_matmul_prec"] == "highest" for g in opt.param_groups)
 
 
 def test_closure_lazy_state_and_init_group() -> None:

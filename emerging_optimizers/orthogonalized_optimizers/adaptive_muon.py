@@ -39,7 +39,10 @@ from emerging_optimizers.base import ParamsT
 from emerging_optimizers.mixin import WeightDecayT, apply_weight_decay
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT, get_muon_scale_factor
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT, newton_schulz
-from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import WeightUpdateHook
+from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
+    OrthogonalizedOptimizer,
+    WeightUpdateHook,
+)
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.utils import FP32MatmulPrecT, check_beta, check_choice, check_matrix, check_positive
 
@@ -199,7 +202,7 @@ class AdaptiveMuon(Muon):
     # applies ``_apply_moment2_normalization`` and ``_apply_muon_scale`` (subclasses may override any of them).
     def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
         """``scaled_orthogonalize_fn``: the unscaled ``NS(x)`` with the default group's options (as the reference)."""
-        return self.orthogonalize(x, x, **self.defaults)
+        return OrthogonalizedOptimizer._default_scaled_orthogonalize(self, x)  # not Muon's scaled version
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """``O = NS(D)``: the plain orthogonalized direction, before the second moment and Muon's scale.

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.utils import (
     FP32MatmulPrecT,
@@ -120,17 +120,10 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     # ------------------------------------------------------------------ defaults, read-only views
     # Per-group values live in ``param_groups``; these return the constructor's defaults.
-    @property
-    def nesterov(self) -> bool:
-        return bool(self.defaults["nesterov"])
-
-    @property
-    def weight_decay_method(self) -> WeightDecayT:  # type: ignore[override]
-        return self.defaults["weight_decay_method"]  # type: ignore[no-any-return]
-
-    @property
-    def fp32_matmul_prec(self) -> FP32MatmulPrecT:
-        return self.defaults["fp32_matmul_prec"]  # type: ignore[no-any-return]
+    # The reference keeps these on ``self``; assigning one sets it in every group (see group_default).
+    nesterov = group_default("nesterov")
+    weight_decay_method = group_default("weight_decay_method")
+    fp32_matmul_prec = group_default("fp32_matmul_prec")
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -147,6 +140,9 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
             raise ValueError(
                 f"Invalid momentum_dtype: {mdt!r}; use None (the parameter's dtype) or e.g. torch.float32."
             )
+
+    #: The reference library keeps no step counter for this family: its checkpoints load with ``step`` 0.
+    optional_state_keys = ("step",)
 
     #: ``(min, max)`` dims of the parameters a subclass takes (``max`` None: any rank >= 2, viewed as
     #: ``[out, -1]``); ``None``: any parameter (the base, whose ``scaled_orthogonalize_fn`` decides).
@@ -225,9 +221,18 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     # ------------------------------------------------------------------ extension points
     def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
-        """A ``scaled_orthogonalize_fn`` for subclasses that override :meth:`orthogonalize`: it applies
-        :meth:`orthogonalize` with the default group's options, so the documented attribute stays usable."""
-        return self.orthogonalize(x, x, **self.defaults)
+        """The ``scaled_orthogonalize_fn`` of library classes that implement :meth:`orthogonalize` themselves.
+
+        It applies the *library class's* ``orthogonalize`` (the first one defined in this package along the
+        MRO) with the default group's options. So a user subclass that overrides ``orthogonalize`` and calls
+        ``self.scaled_orthogonalize_fn`` on parts of the matrix (the reference library's documented way to
+        split a fused QKV weight) gets the library's math for each part, not a call back into itself.
+        """
+        for klass in type(self).__mro__:
+            impl = klass.__dict__.get("orthogonalize")
+            if impl is not None and klass.__module__.startswith("emerging_optimizers."):
+                return impl(self, x, x, **self.defaults)  # type: ignore[no-any-return]
+        raise TypeError(f"{type(self).__name__} has no library orthogonalize to use as scaled_orthogonalize_fn.")
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The update for ``p`` from its momentum direction ``grad`` (default: ``scaled_orthogonalize_fn``).

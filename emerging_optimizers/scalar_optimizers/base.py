@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weight_decay_method, decay_factor
 from emerging_optimizers.utils import check_beta, check_nonneg
 
@@ -216,10 +216,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         """Hook after a param's update."""
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def weight_decay_method(self) -> WeightDecayT:  # type: ignore[override]
-        """The default group's method (each group may override it; the step reads the group's)."""
-        return self.defaults["weight_decay_method"]
+    # the reference keeps it on ``self``; here each group has its own (the step reads the group's)
+    weight_decay_method = group_default("weight_decay_method")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

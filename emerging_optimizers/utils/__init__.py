@@ -42,8 +42,17 @@ FP32_MATMUL_PRECISIONS: tuple[str, ...] = get_args(FP32MatmulPrecT)
 
 
 @contextlib.contextmanager
-def fp32_matmul_precision(prec: FP32MatmulPrecT) -> Iterator[None]:
-    """Set ``torch.set_float32_matmul_precision(prec)`` inside the block and restore the old value after."""
+def fp32_matmul_precision(
+    prec: FP32MatmulPrecT = "highest", *, precision: FP32MatmulPrecT | None = None
+) -> Iterator[None]:
+    """Set ``torch.set_float32_matmul_precision(prec)`` inside the block and restore the old value after.
+
+    ``precision=`` is the reference library's name of the argument (either may be given, not both).
+    """
+    if precision is not None:
+        if prec != "highest":
+            raise TypeError("fp32_matmul_precision got both prec and precision; pass one of them.")
+        prec = precision
     check_choice("fp32_matmul_prec", prec, FP32_MATMUL_PRECISIONS)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(prec)
