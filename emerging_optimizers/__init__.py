@@ -15,7 +15,39 @@ from emerging_optimizers import (
 )
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
-from emerging_optimizers.package_info import __version__ as __version__
+from emerging_optimizers.package_info import (  # the reference library exposes its metadata at the top level
+    __contact_emails__ as __contact_emails__,
+)
+from emerging_optimizers.package_info import (
+    __contact_names__ as __contact_names__,
+)
+from emerging_optimizers.package_info import (
+    __description__ as __description__,
+)
+from emerging_optimizers.package_info import (
+    __download_url__ as __download_url__,
+)
+from emerging_optimizers.package_info import (
+    __homepage__ as __homepage__,
+)
+from emerging_optimizers.package_info import (
+    __keywords__ as __keywords__,
+)
+from emerging_optimizers.package_info import (
+    __license__ as __license__,
+)
+from emerging_optimizers.package_info import (
+    __package_name__ as __package_name__,
+)
+from emerging_optimizers.package_info import (
+    __repository_url__ as __repository_url__,
+)
+from emerging_optimizers.package_info import (
+    __shortversion__ as __shortversion__,
+)
+from emerging_optimizers.package_info import (
+    __version__ as __version__,
+)
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
     get_optimizer_cls,

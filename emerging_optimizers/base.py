@@ -227,6 +227,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
                         "different optimizer or with other options."
                     )
                 for key, ref in spec.items():
+                    if key not in saved_state:  # an optional key (checked above), filled on load
+                        continue
                     value = saved_state[key]
                     if isinstance(ref, torch.Tensor) != isinstance(value, torch.Tensor):
                         raise ValueError(f"{name}.load_state_dict: state {key!r} of param {pid} has the wrong type.")

@@ -31,7 +31,7 @@ from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer impo
     WeightUpdateHook,
 )
 from emerging_optimizers.registry import register_optimizer
-from emerging_optimizers.utils import FP32MatmulPrecT, check_choice, check_positive
+from emerging_optimizers.utils import FP32MatmulPrecT, check_choice, check_matrix, check_positive
 
 __all__ = ["MOP", "MOPScaleT", "calculate_mop_update", "polar_via_svd"]
 
@@ -47,11 +47,7 @@ def polar_via_svd(A: torch.Tensor, return_p: bool = False) -> tuple[torch.Tensor
     positive part) and the singular values ``S`` (descending). Computes in float32 (float64 for float64
     input) and returns those dtypes.
     """
-    if not isinstance(A, torch.Tensor) or A.ndim < 2 or not A.is_floating_point():
-        raise ValueError(
-            "polar_via_svd expects a floating-point matrix or batch of matrices, got "
-            f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}."
-        )
+    check_matrix(A, "polar_via_svd", max_ndim=None)
     work = A if A.dtype == torch.float64 else A.float()
     u_s, s, v_h = torch.linalg.svd(work, full_matrices=False)
     polar = u_s @ v_h

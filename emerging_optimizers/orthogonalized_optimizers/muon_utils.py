@@ -52,7 +52,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.utils import fp32_matmul_precision
+from emerging_optimizers.utils import check_matrix, fp32_matmul_precision
 
 __all__ = [
     "COEFFICIENT_SETS",
@@ -595,17 +595,12 @@ def newton_schulz(
     Returns:
         A tensor of ``x``'s shape whose singular values are the iterated polynomial of the normalised ones.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"newton_schulz expects a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim < 2:
-        raise ValueError(
-            f"newton_schulz expects a matrix or a batch of matrices (ndim >= 2), got shape {tuple(x.shape)}."
-        )
-    if x.dtype not in _FLOAT_DTYPES:
+    if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"newton_schulz supports float32, bfloat16, float16 and float64 input, got {x.dtype}; "
             "convert with x.float()."
         )
+    check_matrix(x, "newton_schulz", max_ndim=None)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"Invalid eps: {eps!r}; it must be a finite number > 0.")
     if transpose is not None and not isinstance(transpose, bool):

@@ -40,7 +40,7 @@ from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer impo
     WeightUpdateHook,
 )
 from emerging_optimizers.registry import register_optimizer
-from emerging_optimizers.utils import FP32MatmulPrecT, check_positive
+from emerging_optimizers.utils import FP32MatmulPrecT, check_matrix, check_positive
 
 __all__ = [
     "OneSidedT",
@@ -70,16 +70,6 @@ def calculate_polargrad_update(
     o = newton_schulz(d, num_ns_steps, coefficient_type, custom_coefficient_sets)
     scale = (o * d).sum(dim=(-2, -1), keepdim=True)
     return o.mul_(scale * extra_scale_factor)
-
-
-def _check_matrix(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim != 2:
-        raise ValueError(f"{name} expects a 2-D matrix, got shape {tuple(x.shape)}; reshape it to 2-D first.")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point tensor, got {x.dtype}.")
-    return x
 
 
 def _check_finite(name: str, value: object) -> None:
@@ -119,7 +109,7 @@ def one_sided_polargrad_orth_fn(
     Computes in float32 (float64 for float64 input) under the current matmul precision and returns ``grad``'s
     dtype; ``grad`` is not modified.
     """
-    _check_matrix("one_sided_polargrad_orth_fn", grad)
+    check_matrix(grad, "one_sided_polargrad_orth_fn")
     if side not in ("left", "right"):
         raise ValueError(f"Invalid side: {side!r}; side must be 'left' or 'right' "
                          "('left': G G^T, wide matrices; 'right': G^T G, tall).")

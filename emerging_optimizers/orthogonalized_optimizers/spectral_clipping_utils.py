@@ -35,21 +35,12 @@ import math
 import torch
 
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, newton_schulz
+from emerging_optimizers.utils import check_matrix
 
 __all__ = ["spectral_clip", "spectral_clipped_weight_decay", "spectral_hardcap"]
 
 _NS_STEPS = 8
 _NS_COEFFICIENTS: NSCoeffT = "polar_express"
-
-
-def _check_matrix(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim < 2:
-        raise ValueError(f"{name} expects a matrix or a batch of matrices (ndim >= 2), got shape {tuple(x.shape)}.")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point tensor, got {x.dtype}.")
-    return x
 
 
 def _check_real(name: str, value: object) -> float:
@@ -83,7 +74,7 @@ def _shifted_sign_times(sigma: float, p: torch.Tensor, o: torch.Tensor, x: torch
 
 def spectral_clip(X: torch.Tensor, sigma_min: float = -1.0, sigma_max: float = 1.0) -> torch.Tensor:
     """Clip the singular values of ``X`` to ``[sigma_min, sigma_max]`` (``sigma_min <= 0`` clips only from above)."""
-    _check_matrix("spectral_clip", X)
+    check_matrix(X, "spectral_clip", max_ndim=None)
     lo = _check_real("sigma_min", sigma_min)
     hi = _check_real("sigma_max", sigma_max)
     if lo > hi:
@@ -98,7 +89,7 @@ def spectral_clip(X: torch.Tensor, sigma_min: float = -1.0, sigma_max: float = 1
 
 def spectral_hardcap(X: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Cap the singular values of ``X`` at ``beta`` (>= 0): ``s -> min(s, beta)``."""
-    _check_matrix("spectral_hardcap", X)
+    check_matrix(X, "spectral_hardcap", max_ndim=None)
     b = _check_real("beta", beta)
     if b < 0:
         raise ValueError(f"Invalid beta: {beta!r}; the cap on singular values must be >= 0.")
@@ -114,7 +105,7 @@ def spectral_clipped_weight_decay(X: torch.Tensor, beta: float = 1.0, c: float =
 
     ``c`` in ``[0, 1]`` is the strength (``c = 1`` caps fully, ``c = 0`` returns ``X``).
     """
-    _check_matrix("spectral_clipped_weight_decay", X)
+    check_matrix(X, "spectral_clipped_weight_decay", max_ndim=None)
     strength = _check_real("c", c)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"Invalid c: {c!r}; the decay strength must be in [0, 1].")

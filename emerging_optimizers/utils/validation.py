@@ -81,6 +81,6 @@ def check_matrix(x: Any, name: str, *, max_ndim: int | None = 2, hint: str = "")
     if max_ndim == 2:
         raise MatrixShapeError(f"Only 2D parameters are supported: {name} expects a 2-D floating-point matrix, "
                                f"got {got}.{hint}")
-    dims = "2d or 3d (or N-d, the leading dims a batch)" if max_ndim is None else f"2d to {max_ndim}d"
+    dims = "2d or 3d (or N-d: ndim >= 2, the leading dims a batch)" if max_ndim is None else f"2d to {max_ndim}d"
     raise MatrixShapeError(f"{name} expects a floating-point matrix or batch of matrices: it must be {dims}, "
                            f"got {got}.{hint}")
