@@ -368,9 +368,9 @@ def test_bad_inputs_raise_clear_errors():
         MuonAdamW(model.named_parameters(), matrix_kwargs={"ns_steps": 3})
     with pytest.raises(ValueError, match="Invalid num_ns_steps"):
         MuonAdamW(model.named_parameters(), matrix_kwargs={"num_ns_steps": 0})
-    with pytest.raises(ValueError, match="Invalid betas"):
+    with pytest.raises(ValueError, match=r"Invalid beta at index 1 \(betas\[1\]\)"):
         MuonAdamW(model.named_parameters(), adamw_betas=(0.9, 1.5))
-    with pytest.raises(ValueError, match="Invalid lr"):
+    with pytest.raises(ValueError, match=r"Invalid learning rate \(lr\)"):
         MuonAdamW([torch.zeros(3, requires_grad=True)], lr=-1.0)  # checked even with no matrix params
     with pytest.raises(ValueError, match="'betas'.*write adamw_betas"):
         MuonAdamW([{"params": list(model.named_parameters()), "betas": (0.9, 0.9)}])

@@ -145,21 +145,21 @@ def test_low_precision_params_track_fp32(dtype):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda ps: Adam(ps, lr=-1.0), "Invalid lr: -1.0"),
-        (lambda ps: Adam(ps, betas=(0.9, 1.0)), r"Invalid betas\[1\]: 1.0"),
+        (lambda ps: Adam(ps, lr=-1.0), r"Invalid learning rate \(lr\): -1.0"),
+        (lambda ps: Adam(ps, betas=(0.9, 1.0)), r"Invalid beta at index 1 \(betas\[1\]\): 1.0"),
         (lambda ps: Adam(ps, betas=(0.9,)), "Invalid betas"),
-        (lambda ps: Adam(ps, eps=-1e-8), "Invalid eps"),
+        (lambda ps: Adam(ps, eps=-1e-8), r"Invalid epsilon \(eps\)"),
         (lambda ps: Adam(ps, weight_decay=-0.1), "Invalid weight_decay: -0.1"),
         (lambda ps: Adam(ps, weight_decay_method="l1"), "Invalid weight_decay_method: 'l1'"),
-        (lambda ps: Adam(ps, lr=float("nan")), "Invalid lr: nan"),
+        (lambda ps: Adam(ps, lr=float("nan")), r"Invalid learning rate \(lr\): nan"),
         (lambda ps: Adam(ps, fused="yes"), "Invalid fused"),
-        (lambda ps: Lion(ps, betas=(1.5, 0.9)), r"Invalid betas\[0\]: 1.5"),
+        (lambda ps: Lion(ps, betas=(1.5, 0.9)), r"Invalid beta at index 0 \(betas\[0\]\): 1.5"),
         (lambda ps: Signum(ps, momentum=1.0), "Invalid momentum: 1.0"),
         (lambda ps: RMSProp(ps, alpha=-0.1), "Invalid alpha"),
         (lambda ps: MAdam(ps, scale_log2=15), "Invalid scale_log2: 15"),
         (lambda ps: eo.AdEMAMix(ps, num_alpha_warmup_steps=0), "Invalid num_alpha_warmup_steps: 0"),
         (lambda ps: eo.SimplifiedAdEMAMix(ps, min_beta_fast=1.0), "Invalid min_beta_fast"),
-        (lambda ps: Adam([{"params": ps, "lr": -3.0}]), "Invalid lr: -3.0"),
+        (lambda ps: Adam([{"params": ps, "lr": -3.0}]), r"Invalid learning rate \(lr\): -3.0"),
     ],
 )
 def test_invalid_hyperparameters_raise_in_constructor(make, match):
@@ -169,7 +169,7 @@ def test_invalid_hyperparameters_raise_in_constructor(make, match):
 
 def test_invalid_group_added_later_raises():
     opt = Adam([torch.nn.Parameter(torch.zeros(2))])
-    with pytest.raises(ValueError, match=r"Invalid betas\[0\]"):
+    with pytest.raises(ValueError, match=r"Invalid beta at index 0 \(betas\[0\]\)"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (2.0, 0.9)})
 
 

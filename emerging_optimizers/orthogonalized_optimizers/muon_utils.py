@@ -660,8 +660,9 @@ def newton_schulz(
 
     if stepwise is None and method == "auto":
         # bf16/fp16 products are fast enough that the blocked symmetric ones lose to one plain GEMM (measured).
-        # The Gram form is kept to the built-in coefficient sets, whose error growth it was validated for.
-        exact = cdtype in (torch.float32, torch.float64)
+        # Custom coefficients run the plain form: the other forms were validated for the built-in sets only,
+        # and a user's polynomial may grow the iterates (the plain form then rounds as the textbook step does).
+        exact = cdtype in (torch.float32, torch.float64) and coefficient_type != "custom"
         allow_gram = _gram_is_safe(y.device, cdtype) and coefficient_type != "custom"
         method = _choose_method(min(m, n), max(m, n), coeffs, allow_gram, exact)  # type: ignore[assignment]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,17 @@ __all__ = ["MatrixShapeError", "check_beta", "check_betas", "check_choice", "che
            "check_positive", "check_positive_int"]
 
 
+_LABELS = {"lr": "learning rate (lr)", "eps": "epsilon (eps)"}
+
+
+def _label(name: str) -> str:
+    """How a message names a hyperparameter: its torch name, spelled out for the common ones."""
+    m = re.fullmatch(r"betas\[(\d+)\]", name)
+    if m:
+        return f"beta at index {m.group(1)} ({name})"
+    return _LABELS.get(name, name)
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -19,13 +31,13 @@ def _is_real(value: Any) -> bool:
 def check_nonneg(name: str, value: Any) -> None:
     """``value`` must be a finite real number >= 0 (lr, eps, weight_decay)."""
     if not _is_real(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be a finite number >= 0.")
+        raise ValueError(f"Invalid {_label(name)}: {value!r}; it must be a finite number >= 0.")
 
 
 def check_positive(name: str, value: Any) -> None:
     """``value`` must be a finite real number > 0."""
     if not _is_real(value) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be a finite number > 0.")
+        raise ValueError(f"Invalid {_label(name)}: {value!r}; it must be a finite number > 0.")
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -40,7 +52,7 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> No
 def check_beta(name: str, value: Any) -> None:
     """A decay rate in ``[0, 1)``."""
     if not _is_real(value) or not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be in [0, 1).")
+        raise ValueError(f"Invalid {_label(name)}: {value!r}; it must be in [0, 1).")
 
 
 def check_betas(name: str, value: Any, n: int) -> None:
