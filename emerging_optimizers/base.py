@@ -16,7 +16,7 @@ Subclasses implement :meth:`EmergingOptimizer._init_param_state` and :meth:`Emer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,12 +138,6 @@ class EmergingOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"gradient of shape {tuple(grad.shape)} does not match its parameter of shape {tuple(p.shape)}."
             )
-
-    def iter_params(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """(group, param) for every param of every group."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield group, p
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

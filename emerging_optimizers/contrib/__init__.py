@@ -4,6 +4,7 @@
 * :func:`row_norm_fn`: row-wise normalisation, usable as an ``OrthogonalizedOptimizer`` ``scaled_orthogonalize_fn``.
 """
 
-from emerging_optimizers.contrib.muown import Muown, row_norm_fn
+from emerging_optimizers.contrib.muown import Muown
+from emerging_optimizers.contrib.row_norm import row_norm_fn
 
 __all__ = ["Muown", "row_norm_fn"]

@@ -1,4 +1,6 @@
-r"""Base class of the orthogonalized optimizers (Muon and family), and the weight-update hook protocol.
+r"""Base class of the orthogonalized optimizers (Muon and family).
+
+The weight-update hook protocol lives in :mod:`emerging_optimizers.weight_update_hooks` (re-exported here).
 
 For every parameter :math:`W` with gradient :math:`g`, with :math:`\mu` = ``momentum``, one step is::
 
@@ -18,7 +20,8 @@ Unlike the reference library: every hyperparameter (``nesterov``, ``weight_decay
 ``fp32_matmul_prec`` included) lives in the param group, so it can vary per group and survives
 ``state_dict()``; ``l2`` weight decay never modifies ``p.grad``; hooks and the pre/post functions always get a
 fresh update tensor, never the stored momentum; ``step(closure)`` works; state keeps a ``step`` counter; the
-hyperparameters are validated in the constructor and in ``add_param_group``.
+hyperparameters are validated in the constructor and in ``add_param_group``. Assigning ``nesterov``,
+``weight_decay_method`` or ``fp32_matmul_prec`` on the optimizer (as on the reference's) sets every group.
 
 Extra options (keyword-only, stored in the param group): ``momentum_dtype`` (``None``: the parameter's dtype;
 e.g. ``torch.float32`` to keep fp32 momentum for bf16 parameters).
