@@ -77,6 +77,11 @@ class EmergingOptimizer(torch.optim.Optimizer):
     #: of optimizers whose reference-library version keeps none.
     optional_state_keys: tuple[str, ...] = ()
 
+    #: Updates matrices only (>= 2-D parameters): a whole model needs it inside ``MuonAdamW``.
+    matrix_only: bool = False
+    #: Usable as ``MuonAdamW``'s ``matrix_optimizer`` (the side that gets the hidden matrices).
+    matrix_optimizer_ok: bool = False
+
     # ------------------------------------------------------------------ subclass interface
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """Fresh state for ``p`` (must also work for a tensor on the ``meta`` device)."""

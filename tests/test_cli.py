@@ -170,8 +170,7 @@ def test_bad_numbers_are_usage_errors(capsys):
 
 def test_orthogonalized_name_needs_whole_model_optimizer(capsys, tmp_path):
     names = specs.load_registry()
-    matrix_only = [n for n in names if specs.family_of(registry.get_optimizer_cls(n)) == "orthogonalized"
-                   and not specs.is_whole_model(n)]
+    matrix_only = [n for n in names if registry.get_optimizer_cls(n).matrix_only and not specs.is_whole_model(n)]
     if not matrix_only:
         pytest.skip("no matrix-only optimizer registered")
     code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", matrix_only[0],

@@ -5,8 +5,8 @@ Grammar: ``muon:lr=0.04,momentum=0.9`` or ``adamw:betas=(0.9,0.95)``. Values are
 (``weight_decay_method=decoupled``). Commas inside brackets do not split. A token without ``:`` may list
 several names separated by commas (``adamw,lion``).
 
-An orthogonalized optimizer other than the whole-model one (``muon``, ``scion``, ...) only handles matrices,
-so for a model it runs inside the whole-model optimizer ``muon_adamw`` as its ``matrix_optimizer``.
+An optimizer that only handles matrices (``matrix_only``: ``muon``, ``scion``, ..., the manifold optimizers)
+runs inside the whole-model optimizer ``muon_adamw`` as its ``matrix_optimizer`` when it trains a model.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def parse_specs(tokens: list[str]) -> list[OptimizerSpec]:
 def resolve(name: str) -> tuple[str, dict[str, Any]]:
     """The registry name to build for ``name`` and its fixed kwargs (``matrix_optimizer`` when wrapped)."""
     cls = registry.get_optimizer_cls(name)
-    if family_of(cls) != "orthogonalized" or is_whole_model(name):
+    if not getattr(cls, "matrix_only", False) or is_whole_model(name):
         return name, {}
     names = registry.get_optimizer_name_list()
     if WHOLE_MODEL not in names or not is_whole_model(WHOLE_MODEL) \

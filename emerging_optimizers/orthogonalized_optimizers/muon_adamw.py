@@ -71,7 +71,6 @@ from torch import nn
 from emerging_optimizers import registry
 from emerging_optimizers.base import EmergingOptimizer, ParamsT
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon  # noqa: F401 - registers "muon"
-from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import OrthogonalizedOptimizer
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.scalar_optimizers.adam import AdamW
 
@@ -129,26 +128,37 @@ def default_route(name: str, param: torch.Tensor) -> SideT:
 
 # ---------------------------------------------------------------------------------------------- input checks
 def matrix_optimizer_names() -> list[str]:
-    """Registered names usable as ``matrix_optimizer`` (the :class:`OrthogonalizedOptimizer` subclasses)."""
-    importlib.import_module("emerging_optimizers.orthogonalized_optimizers")  # registers the whole family
+    """Registered names usable as ``matrix_optimizer``: the optimizers marked ``matrix_optimizer_ok`` (every
+    :class:`OrthogonalizedOptimizer`, PSGD-Kron, the manifold optimizers)."""
+    for module in ("orthogonalized_optimizers", "psgd", "riemannian_optimizers"):  # register the families
+        try:
+            importlib.import_module(f"emerging_optimizers.{module}")
+        except ImportError:  # pragma: no cover - a family not present in this installation
+            continue
     names = []
     for name in registry.get_optimizer_name_list():
         cls = registry.get_optimizer_cls(name)
-        if isinstance(cls, type) and issubclass(cls, OrthogonalizedOptimizer):
+        if _is_matrix_optimizer(cls):
             names.append(name)
     return names
 
 
-def _matrix_cls(spec: Any) -> type[OrthogonalizedOptimizer]:
+def _is_matrix_optimizer(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, EmergingOptimizer) and bool(cls.matrix_optimizer_ok) \
+        and not issubclass(cls, MuonAdamW)
+
+
+def _matrix_cls(spec: Any) -> type[EmergingOptimizer]:
     if isinstance(spec, type):
-        if issubclass(spec, OrthogonalizedOptimizer):
+        if _is_matrix_optimizer(spec):
             return spec
-        raise TypeError(f"Invalid matrix_optimizer: {spec.__name__} is not an OrthogonalizedOptimizer subclass; "
+        raise TypeError(f"Invalid matrix_optimizer: {spec.__name__} is not an OrthogonalizedOptimizer subclass "
+                        "(nor another matrix optimizer, a class with matrix_optimizer_ok = True); "
                         f"use one of {', '.join(matrix_optimizer_names())} or such a class.")
     valid = matrix_optimizer_names()
     if not isinstance(spec, str) or spec not in valid:
         raise ValueError(f"Invalid matrix_optimizer: {spec!r}; choose one of {', '.join(map(repr, valid))} "
-                         "(the registered orthogonalized optimizers) or pass an OrthogonalizedOptimizer subclass.")
+                         "(the registered matrix optimizers) or pass an OrthogonalizedOptimizer subclass.")
     return registry.get_optimizer_cls(spec)  # type: ignore[return-value]
 
 
@@ -234,7 +244,7 @@ class MuonAdamW(EmergingOptimizer):
         adamw_betas: AdamW's betas ((0.9, 0.95), the usual choice for transformers).
         adamw_eps: AdamW's eps (1e-8).
         adamw_weight_decay: AdamW's weight decay (0.0: norms, biases and embeddings are usually not decayed).
-        matrix_optimizer: a registered orthogonalized optimizer (``"muon"``, ``"scion"``, ... see
+        matrix_optimizer: a registered matrix optimizer (``"muon"``, ``"scion"``, ``"psgd_pro"``, ... see
             :func:`matrix_optimizer_names`) or an :class:`OrthogonalizedOptimizer` subclass.
         matrix_kwargs: further arguments of the matrix optimizer (``nesterov``, ``num_ns_steps``, ...).
         adamw_kwargs: further arguments of :class:`~emerging_optimizers.scalar_optimizers.AdamW` (``nesterov``,
@@ -255,7 +265,7 @@ class MuonAdamW(EmergingOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
-        matrix_optimizer: str | type[OrthogonalizedOptimizer] = "muon",
+        matrix_optimizer: str | type[EmergingOptimizer] = "muon",
         matrix_kwargs: dict[str, Any] | None = None,
         adamw_kwargs: dict[str, Any] | None = None,
         route: RouteFn | None = None,
@@ -299,7 +309,7 @@ class MuonAdamW(EmergingOptimizer):
 
     # ------------------------------------------------------------------ the two inner optimizers
     @property
-    def matrix_optimizer(self) -> OrthogonalizedOptimizer:
+    def matrix_optimizer(self) -> EmergingOptimizer:
         """The matrix side's optimizer: its ``param_groups`` and ``state`` are views of this optimizer's."""
         return self._inner["matrix"]  # type: ignore[return-value]
 

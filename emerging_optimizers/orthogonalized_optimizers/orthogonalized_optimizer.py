@@ -146,6 +146,8 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     #: The reference library keeps no step counter for this family: its checkpoints load with ``step`` 0.
     optional_state_keys = ("step",)
+    matrix_only = True
+    matrix_optimizer_ok = True
 
     #: ``(min, max)`` dims of the parameters a subclass takes (``max`` None: any rank >= 2, viewed as
     #: ``[out, -1]``); ``None``: any parameter (the base, whose ``scaled_orthogonalize_fn`` decides).
