@@ -5,8 +5,8 @@ Parameters: :class:`~emerging_optimizers.cli.models.CharTransformer` with ``--la
 fixed random gradients (shared by all variants; optimizers never modify gradients). Every variant owns
 its own copy of the parameters and its own state.
 
-Which parameters a variant updates: scalar and whole-model optimizers get all of them; matrix-only
-(orthogonalized) optimizers and ``torch.optim.Muon`` get the hidden 2-D matrices (attention and MLP
+Which parameters a variant updates: scalar, PSGD and whole-model optimizers get all of them; matrix-only
+optimizers (orthogonalized, manifold) and ``torch.optim.Muon`` get the hidden 2-D matrices (attention and MLP
 weights), as they would in a hybrid setup. The ``params`` column says how many each one steps.
 
 Timing: ``--warmup`` untimed steps (state allocation, compilation), then ``--rounds`` rounds; each round
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace, spec_list: list[specs.OptimizerSpec]) -> int:
                 "torch Muon", torch.optim.Muon([p for _, p in hidden_matrices(copy_model())]), hidden_numel, True)))
     for s in spec_list:
         cls = registry.get_optimizer_cls(s.name)
-        matrix_only = specs.family_of(cls) == "orthogonalized" and not specs.is_whole_model(s.name)
+        matrix_only = bool(getattr(cls, "matrix_only", False)) and not specs.is_whole_model(s.name)
 
         def build(s: specs.OptimizerSpec = s, cls: type = cls, matrix_only: bool = matrix_only) -> Variant:
             model = copy_model()
