@@ -107,7 +107,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         family = specs.family_of(cls)
         if specs.is_whole_model(name):
             scope = "whole model"
-        elif family == "orthogonalized":
+        elif getattr(cls, "matrix_only", False):
             scope = "matrices"
         else:
             scope = "any"
