@@ -8,52 +8,24 @@ from emerging_optimizers import (
     contrib,
     mixin,
     orthogonalized_optimizers,
+    package_info,
+    psgd,
     registry,
+    riemannian_optimizers,
     scalar_optimizers,
     utils,
     weight_update_hooks,
 )
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
-from emerging_optimizers.package_info import (  # the reference library exposes its metadata at the top level
-    __contact_emails__ as __contact_emails__,
-)
-from emerging_optimizers.package_info import (
-    __contact_names__ as __contact_names__,
-)
-from emerging_optimizers.package_info import (
-    __description__ as __description__,
-)
-from emerging_optimizers.package_info import (
-    __download_url__ as __download_url__,
-)
-from emerging_optimizers.package_info import (
-    __homepage__ as __homepage__,
-)
-from emerging_optimizers.package_info import (
-    __keywords__ as __keywords__,
-)
-from emerging_optimizers.package_info import (
-    __license__ as __license__,
-)
-from emerging_optimizers.package_info import (
-    __package_name__ as __package_name__,
-)
-from emerging_optimizers.package_info import (
-    __repository_url__ as __repository_url__,
-)
-from emerging_optimizers.package_info import (
-    __shortversion__ as __shortversion__,
-)
-from emerging_optimizers.package_info import (
-    __version__ as __version__,
-)
+from emerging_optimizers.psgd import PSGDPro
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
     get_optimizer_cls,
     get_optimizer_name_list,
     register_optimizer,
 )
+from emerging_optimizers.riemannian_optimizers import Iso, ObliqueAdam, ObliqueSGD
 from emerging_optimizers.scalar_optimizers import (
     Adam,
     AdamW,
@@ -66,11 +38,27 @@ from emerging_optimizers.scalar_optimizers import (
     SimplifiedAdEMAMix,
 )
 
+# package metadata at the top level, as the reference library exposes it
+__contact_emails__ = package_info.__contact_emails__
+__contact_names__ = package_info.__contact_names__
+__description__ = package_info.__description__
+__download_url__ = package_info.__download_url__
+__homepage__ = package_info.__homepage__
+__keywords__ = package_info.__keywords__
+__license__ = package_info.__license__
+__package_name__ = package_info.__package_name__
+__repository_url__ = package_info.__repository_url__
+__shortversion__ = package_info.__shortversion__
+__version__ = package_info.__version__
+
 __all__ = [
     "compat",
     "contrib",
     "mixin",
     "orthogonalized_optimizers",
+    "package_info",
+    "psgd",
+    "riemannian_optimizers",
     "weight_update_hooks",
     "registry",
     "scalar_optimizers",
@@ -84,6 +72,10 @@ __all__ = [
     "Muon",
     "MuonAdamW",
     "OrthogonalizedOptimizer",
+    "PSGDPro",
+    "ObliqueSGD",
+    "ObliqueAdam",
+    "Iso",
     "Adam",
     "AdamW",
     "AdEMAMix",

@@ -88,3 +88,26 @@ CASES += [
     Case("muon_adamw-scion", lambda params, **o: eo.MuonAdamW(params, **{"matrix_optimizer": "scion", **o}), 2e-2,
          fp32_state=True),
 ]
+
+CASES += [
+    # PSGD-Kron: any parameter (diagonal factors for 1-D params); float32 state for low-precision params.
+    Case("psgd_pro", lambda params, **o: eo.PSGDPro(params, **o), 0.02, state_in_param_dtype=False),
+    Case("psgd_pro-l2-clip-diag", lambda params, **o: eo.PSGDPro(params, **{"weight_decay_method": "l2",
+         "max_update_rms": 1.0, "max_dense_dim": 8, **o}), 0.02, state_in_param_dtype=False),
+]
+
+
+def _manifold(name: str, lr: float, **kw: Any) -> Case:
+    """A manifold optimizer: matrices only, float32 state for low-precision params."""
+    return _matrix(name, lr, state_in_param_dtype=False, **kw)
+
+
+CASES += [
+    _manifold("oblique_sgd", 0.05),
+    _manifold("oblique_sgd", 0.05, dim=1, weight_decay=0.01, weight_decay_method="l2"),
+    _manifold("oblique_adam", 0.02),
+    _manifold("oblique_adam", 0.02, dim=1, betas=(0.9, 0.999), weight_decay=0.01),
+    _manifold("iso", 0.05),
+    _manifold("iso", 0.05, retraction="polar"),
+    _manifold("iso", 0.05, retraction="cayley"),
+]

@@ -194,8 +194,10 @@ def test_every_matrix_optimizer_runs_inside():
                                                        matrix_kwargs=kw)
         assert type(opt.matrix_optimizer) is registry.get_optimizer_cls(name)
         ref_named = dict(ref.named_parameters())
-        inner = registry.get_optimizer_cls(name)([ref_named[n] for n in matrices], lr=1e-2, momentum=0.95,
-                                                 weight_decay=0.01, **kw)
+        cls = registry.get_optimizer_cls(name)
+        # MuonAdamW hands its momentum / weight decay to the matrix optimizers that take them
+        shared = {k: v for k, v in {"momentum": 0.95, "weight_decay": 0.01}.items() if k in registry.valid_kwargs(cls)}
+        inner = cls([ref_named[n] for n in matrices], lr=1e-2, **shared, **kw)
         adamw = AdamW([p for n, p in ref_named.items() if n not in matrices], lr=3e-3, betas=(0.9, 0.95),
                       weight_decay=0.0)
         train(model, [opt], 3)

@@ -30,8 +30,8 @@ from emerging_optimizers.utils import MatrixShapeError, fp32_matmul_precision
 
 # --------------------------------------------------------------------------------------------------------------
 # Every public name of the reference's current layout, for the modules this project implements. Not here (yet):
-# legacy_soap, shampoo, utils.eig (Kronecker-factored issue), psgd, riemannian_optimizers (PSGD/manifold issue),
-# triton_kernels (CUDA-only Triton kernels; the SYRK steps below run without them).
+# legacy_soap, shampoo, utils.eig (Kronecker-factored issue) and triton_kernels (CUDA-only Triton kernels; the
+# SYRK steps below run without them).
 # --------------------------------------------------------------------------------------------------------------
 _UF = "emerging_optimizers.scalar_optimizers.update_functions"
 _OO = "emerging_optimizers.orthogonalized_optimizers"
@@ -98,6 +98,16 @@ REFERENCE_NAMES: dict[str, tuple[str, ...]] = {
     "emerging_optimizers.weight_update_hooks.hyperball": ("HyperballHook",),
     "emerging_optimizers.weight_update_hooks.radial_brake": ("RadialBrakeHook",),
     "emerging_optimizers.weight_update_hooks.relative_update": ("RelativeUpdateHook",),
+    "emerging_optimizers.psgd": ("PSGDPro",),
+    "emerging_optimizers.psgd.psgd": ("PSGDPro",),
+    "emerging_optimizers.psgd.psgd_kron_contractions": (
+        "partial_contraction", "apply_kronecker_factors", "apply_preconditioner",
+    ),
+    "emerging_optimizers.psgd.psgd_utils": ("uniformize_q_in_place", "norm_lower_bound_spd", "norm_lower_bound_skew"),
+    "emerging_optimizers.psgd.procrustes_step": ("procrustes_step",),
+    "emerging_optimizers.riemannian_optimizers": ("ObliqueSGD", "ObliqueAdam", "Iso"),
+    "emerging_optimizers.riemannian_optimizers.normalized_optimizer": ("ObliqueSGD", "ObliqueAdam"),
+    "emerging_optimizers.riemannian_optimizers.isospectral": ("Iso", "RetractionT"),
     "emerging_optimizers.contrib.muown": ("Muown",),
     "emerging_optimizers.contrib.row_norm": ("row_norm_fn",),
 }
@@ -106,6 +116,7 @@ REFERENCE_REGISTRY = {
     "muon": "Muon", "adaptive_muon": "AdaptiveMuon", "mop": "MOP", "polargrad": "PolarGrad", "scion": "Scion",
     "spel": "Spel", "muon_hyperball": "MuonHyperball", "lion": "Lion", "signum": "Signum", "laprop": "LaProp",
     "sim_ademamix": "SimplifiedAdEMAMix",
+    "psgd_pro": "PSGDPro", "oblique_sgd": "ObliqueSGD", "oblique_adam": "ObliqueAdam", "iso": "Iso",
 }
 
 

@@ -162,6 +162,26 @@ def _matrix_cls(spec: Any) -> type[EmergingOptimizer]:
     return registry.get_optimizer_cls(spec)  # type: ignore[return-value]
 
 
+def _shared_matrix_kwargs(cls: type, momentum: float, weight_decay: float) -> dict[str, Any]:
+    """MuonAdamW's ``momentum`` and ``weight_decay`` for a matrix optimizer that takes them.
+
+    A matrix optimizer without one (``oblique_adam`` has betas, ``iso`` no weight decay) gets nothing for it;
+    a value other than MuonAdamW's default would be ignored, so it is refused.
+    """
+    valid = registry.valid_kwargs(cls)
+    out: dict[str, Any] = {}
+    for key, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if key in valid:
+            out[key] = value
+        elif value != _MATRIX_DEFAULTS[key]:
+            raise TypeError(f"{key}={value!r} does not apply: matrix_optimizer {cls.__name__} takes no {key!r}; "
+                            f"leave MuonAdamW's {key} at its default ({_MATRIX_DEFAULTS[key]}).")
+    return out
+
+
+_MATRIX_DEFAULTS = {"momentum": 0.95, "weight_decay": 0.01}
+
+
 def _check_kwargs(arg: str, kwargs: dict[str, Any] | None, cls: type, reserved: dict[str, str]) -> dict[str, Any]:
     """``kwargs`` for ``cls``: a dict, none of ``reserved`` (which MuonAdamW sets itself), all accepted by ``cls``."""
     if kwargs is None:
@@ -292,7 +312,7 @@ class MuonAdamW(EmergingOptimizer):
             return [s.groups[side] for s in splits if side in s.groups]
 
         matrix = self._build(matrix_cls, side_groups("matrix"),
-                             dict(lr=lr, momentum=momentum, weight_decay=weight_decay, **matrix_kwargs))
+                             dict(_shared_matrix_kwargs(matrix_cls, momentum, weight_decay), lr=lr, **matrix_kwargs))
         adamw = self._build(AdamW, side_groups("adamw"),
                             dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
                                  fp32_state=fp32_state, **adamw_kwargs))
@@ -496,7 +516,7 @@ class MuonAdamW(EmergingOptimizer):
                 shape = "x".join(map(str, p.shape)) or "scalar"
                 rows.append((str(gi), group["side"], name or f"<param {index}>", shape,
                              str(p.dtype).removeprefix("torch."), f"{group['lr']:.4g}",
-                             f"{group['weight_decay']:.4g}", self._reasons.get(id(p), "")))
+                             f"{group.get('weight_decay', 0.0):.4g}", self._reasons.get(id(p), "")))
                 totals[group["side"]][0] += 1
                 totals[group["side"]][1] += p.numel()
                 index += 1
