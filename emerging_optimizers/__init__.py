@@ -6,6 +6,7 @@ Importing the package registers every optimizer (see :mod:`emerging_optimizers.r
 from emerging_optimizers import (
     compat,
     contrib,
+    legacy_soap,
     mixin,
     orthogonalized_optimizers,
     package_info,
@@ -13,9 +14,11 @@ from emerging_optimizers import (
     registry,
     riemannian_optimizers,
     scalar_optimizers,
+    shampoo,
     utils,
     weight_update_hooks,
 )
+from emerging_optimizers.legacy_soap import MOSO, REKLS, SOAP, StackedSoap
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
 from emerging_optimizers.psgd import PSGDPro
@@ -37,6 +40,7 @@ from emerging_optimizers.scalar_optimizers import (
     Signum,
     SimplifiedAdEMAMix,
 )
+from emerging_optimizers.shampoo import KlMSoap, KlSoapV3, ReklsV3, Shampoo
 
 # package metadata at the top level, as the reference library exposes it
 __contact_emails__ = package_info.__contact_emails__
@@ -54,6 +58,7 @@ __version__ = package_info.__version__
 __all__ = [
     "compat",
     "contrib",
+    "legacy_soap",
     "mixin",
     "orthogonalized_optimizers",
     "package_info",
@@ -62,6 +67,7 @@ __all__ = [
     "weight_update_hooks",
     "registry",
     "scalar_optimizers",
+    "shampoo",
     "utils",
     "WeightDecayMixin",
     "WeightDecayT",
@@ -73,6 +79,14 @@ __all__ = [
     "MuonAdamW",
     "OrthogonalizedOptimizer",
     "PSGDPro",
+    "SOAP",
+    "REKLS",
+    "StackedSoap",
+    "MOSO",
+    "Shampoo",
+    "KlSoapV3",
+    "ReklsV3",
+    "KlMSoap",
     "ObliqueSGD",
     "ObliqueAdam",
     "Iso",

@@ -111,3 +111,33 @@ CASES += [
     _manifold("iso", 0.05, retraction="polar"),
     _manifold("iso", 0.05, retraction="cayley"),
 ]
+
+
+def _kron(name: str, lr: float, label: str | None = None, **kw: Any) -> Case:
+    """A Kronecker-factored optimizer (SOAP family, Shampoo): any rank, float32 state for low-precision params."""
+    cls = eo.get_optimizer_cls(name)
+    label = label or (name if not kw else f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}")
+    return Case(label, lambda params, cls=cls, kw=kw, **o: cls(params, **{**kw, **o}), lr, state_in_param_dtype=False)
+
+
+CASES += [
+    _kron("soap", 0.03),
+    _kron("soap", 0.03, use_kl_shampoo=True, precondition_frequency=2, nesterov=True),
+    _kron("soap", 0.03, use_eigh=True, weight_decay_method="l2", max_update_rms=1.0),
+    _kron("rekls", 0.03),
+    _kron("stacked_soap", 0.03),
+    _kron("kl_soap", 0.02),
+    _kron("kl_soap", 0.02, nesterov=True, weight_decay_method="l2", max_update_rms=1.0, precondition_frequency=2),
+    _kron("rekls_v3", 0.02),
+    _kron("kl_m_soap", 0.02),
+    _kron("kl_m_soap", 0.02, precondition_frequency=3, weight_decay=0.0),
+    _kron("shampoo", 2e-2),
+    _kron("shampoo", 3e-3, "shampoo-rmsprop-nesterov-blocked", grafting="rmsprop", betas=(0.9, 0.99), momentum=0.9,
+          nesterov=True, max_preconditioner_dim=8, precondition_frequency=2, weight_decay_method="l2"),
+    _kron("shampoo", 5e-2, "shampoo-adagrad-newton", grafting="adagrad", root_method="newton",
+          precondition_frequency=1, start_preconditioning_step=1, shampoo_beta=1.0),
+    _kron("shampoo", 3e-2, "shampoo-none", grafting="none", betas=(0.0, 0.999), precondition_frequency=3,
+          start_preconditioning_step=1),
+    _matrix("moso", 3e-2, state_in_param_dtype=False),
+    _matrix("moso", 3e-2, state_in_param_dtype=False, max_update_rms=1.0, weight_decay_method="l2", use_eigh=True),
+]

@@ -29,9 +29,9 @@ from emerging_optimizers.orthogonalized_optimizers import muon_utils
 from emerging_optimizers.utils import MatrixShapeError, fp32_matmul_precision
 
 # --------------------------------------------------------------------------------------------------------------
-# Every public name of the reference's current layout, for the modules this project implements. Not here (yet):
-# legacy_soap, shampoo, utils.eig (Kronecker-factored issue) and triton_kernels (CUDA-only Triton kernels; the
-# SYRK steps below run without them).
+# Every public name of the reference's current layout, for the modules this project implements. Not here:
+# triton_kernels (CUDA-only Triton kernels; the SYRK steps below run without them) and legacy_soap.tp_rekls
+# (tensor-parallel REKLS, with the distributed issue).
 # --------------------------------------------------------------------------------------------------------------
 _UF = "emerging_optimizers.scalar_optimizers.update_functions"
 _OO = "emerging_optimizers.orthogonalized_optimizers"
@@ -49,7 +49,10 @@ REFERENCE_NAMES: dict[str, tuple[str, ...]] = {
         "get_configured_optimizer_cls",
     ),
     "emerging_optimizers.mixin": ("WeightDecayT", "WeightDecayMixin"),
-    "emerging_optimizers.utils": ("fp32_matmul_precision", "FP32MatmulPrecT", "get_pg_size", "get_pg_rank"),
+    "emerging_optimizers.utils": (
+        "fp32_matmul_precision", "FP32MatmulPrecT", "get_pg_size", "get_pg_rank", "eigh_with_fallback", "conjugate",
+        "orthogonal_iteration",
+    ),
     "emerging_optimizers.utils.modules": ("Conv1dFlatWeights",),
     "emerging_optimizers.scalar_optimizers": (
         "LaProp", "Lion", "Signum", "SimplifiedAdEMAMix", "SingleMomentumOptimizer", "TwoMomentsOptimizer",
@@ -108,6 +111,22 @@ REFERENCE_NAMES: dict[str, tuple[str, ...]] = {
     "emerging_optimizers.riemannian_optimizers": ("ObliqueSGD", "ObliqueAdam", "Iso"),
     "emerging_optimizers.riemannian_optimizers.normalized_optimizer": ("ObliqueSGD", "ObliqueAdam"),
     "emerging_optimizers.riemannian_optimizers.isospectral": ("Iso", "RetractionT"),
+    "emerging_optimizers.legacy_soap": ("MOSO", "REKLS", "SOAP", "StackedSoap"),
+    "emerging_optimizers.legacy_soap.soap": (
+        "SOAP", "project_in", "project_out", "update_kronecker_factors", "update_kronecker_factors_kl_shampoo",
+        "update_eigenbasis_and_exp_avgs", "_clip_update_rms_in_place",
+    ),
+    "emerging_optimizers.legacy_soap.soap_utils": ("get_eigenbasis_eigh", "get_eigenbasis_qr", "get_eigenbasis_svd"),
+    "emerging_optimizers.legacy_soap.rekls": ("REKLS",),
+    "emerging_optimizers.legacy_soap.stacked_soap": ("StackedSoap", "_stack_2d", "_unstack"),
+    "emerging_optimizers.legacy_soap.moso": ("MOSO",),
+    "emerging_optimizers.legacy_soap.matrix_root_inverse_utils": ("mat_root_inv_via_scaled_cans", "inv_root_via_eigh"),
+    "emerging_optimizers.shampoo.shampoo_base": ("ShampooPreconditionerProtocol", "SoapPreconditionerProtocol",
+                                                 "TensorPair"),
+    "emerging_optimizers.shampoo.soap_v3": (
+        "KlMSoap", "KlSoapPreconditioner", "KlSoapV3", "ReklsPreconditioner", "ReklsV3", "SoapBase",
+    ),
+    "emerging_optimizers.utils.eig": ("eigh_with_fallback", "conjugate", "orthogonal_iteration"),
     "emerging_optimizers.contrib.muown": ("Muown",),
     "emerging_optimizers.contrib.row_norm": ("row_norm_fn",),
 }
@@ -117,6 +136,8 @@ REFERENCE_REGISTRY = {
     "spel": "Spel", "muon_hyperball": "MuonHyperball", "lion": "Lion", "signum": "Signum", "laprop": "LaProp",
     "sim_ademamix": "SimplifiedAdEMAMix",
     "psgd_pro": "PSGDPro", "oblique_sgd": "ObliqueSGD", "oblique_adam": "ObliqueAdam", "iso": "Iso",
+    "soap": "SOAP", "rekls": "REKLS", "stacked_soap": "StackedSoap", "moso": "MOSO", "kl_soap": "KlSoapV3",
+    "rekls_v3": "ReklsV3", "kl_m_soap": "KlMSoap",
 }
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
+from emerging_optimizers.utils.eig import conjugate, eigh_with_fallback, orthogonal_iteration
 from emerging_optimizers.utils.validation import (
     MatrixShapeError,
     check_beta,
@@ -33,6 +34,9 @@ __all__ = [
     "check_nonneg",
     "check_positive",
     "check_positive_int",
+    "conjugate",
+    "eigh_with_fallback",
+    "orthogonal_iteration",
     "get_pg_rank",
     "get_pg_size",
 ]
