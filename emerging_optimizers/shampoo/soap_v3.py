@@ -77,7 +77,6 @@ times the EMA of the squared projected gradient.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -91,6 +90,7 @@ from emerging_optimizers.legacy_soap.soap import (
     _clip_update_rms_in_place,
     project_in,
     project_out,
+    step_on_streams,
     update_eigenbasis_and_exp_avgs,
     update_kronecker_factors_kl_shampoo,
 )
@@ -406,18 +406,7 @@ class SoapBase(WeightDecayMixin, EmergingOptimizer):
 
     # ------------------------------------------------------------------ step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        streams = self.stream_list if self.stream_list and params[0].is_cuda else None
-        if streams is not None:
-            current = torch.cuda.current_stream()
-            for s in streams:
-                s.wait_stream(current)
-        for i, p in enumerate(params):
-            ctx = torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
-            with ctx:
-                self._step_param(p, group)
-        if streams is not None:
-            for s in streams:
-                current.wait_stream(s)
+        step_on_streams(params, self.stream_list, lambda p: self._step_param(p, group))
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         assert p.grad is not None
