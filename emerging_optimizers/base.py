@@ -91,6 +91,27 @@ class EmergingOptimizer(torch.optim.Optimizer):
         """Update ``params`` (the params of ``group`` that have a gradient, state already created)."""
         raise NotImplementedError
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check a group's hyperparameters (``ValueError`` naming the bad one); the base accepts any."""
+
+    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Check one parameter of a group (e.g. its shape); the base accepts any."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after validating its hyperparameters and parameters; on error nothing is added.
+
+        torch's constructor adds every constructor group through here, so they are validated too.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+            for p in group["params"]:
+                self._validate_param(p, group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups, which would drop what subclasses keep on ``self``
         # (hooks, inner optimizers) from copy.deepcopy and pickle.

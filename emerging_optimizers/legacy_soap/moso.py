@@ -193,18 +193,9 @@ class MOSO(WeightDecayMixin, EmergingOptimizer):
         if not isinstance(group["use_eigh"], bool):
             raise ValueError(f"Invalid use_eigh: {group['use_eigh']!r}; it must be True or False.")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after validating its hyperparameters and parameters; on error nothing is added."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-            for p in group["params"]:
-                check_matrix(p, "MOSO", max_ndim=None, hint="Optimize biases, norm weights and scalars with an "
-                             "AdamW-type optimizer, or the whole model with MuonAdamW(matrix_optimizer='moso').")
-        except Exception:
-            self.param_groups.pop()
-            raise
+    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        check_matrix(p, "MOSO", max_ndim=None, hint="Optimize biases, norm weights and scalars with an "
+                     "AdamW-type optimizer, or the whole model with MuonAdamW(matrix_optimizer='moso').")
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -389,15 +389,6 @@ class SOAP(WeightDecayMixin, EmergingOptimizer):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_nonneg("kl_eigval_floor", group["kl_eigval_floor"])
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and validate its hyperparameters; on error nothing is added."""
-        super().add_param_group(param_group)
-        try:
-            self._validate_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
-
     # ------------------------------------------------------------------ the matrix a parameter is seen as
     def _matrix_shape(self, shape: torch.Size) -> tuple[int, int] | None:
         """The 2-D shape the preconditioner sees for a parameter of ``shape``; ``None``: plain Adam (rank < 2)."""

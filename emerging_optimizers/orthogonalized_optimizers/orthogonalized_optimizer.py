@@ -160,18 +160,6 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
                          hint="Optimize biases, norm weights and scalars with an AdamW-type optimizer "
                          "(emerging_optimizers.AdamW), or the whole model with MuonAdamW.")
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and validate its hyperparameters and parameters; on error nothing is added."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-            for p in group["params"]:
-                self._validate_param(p, group)
-        except Exception:
-            self.param_groups.pop()
-            raise
-
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = group.get("momentum_dtype") or p.dtype

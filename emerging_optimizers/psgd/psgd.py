@@ -341,15 +341,10 @@ class PSGDPro(WeightDecayMixin, EmergingOptimizer):
         _check_int("seed", group["seed"], None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and validate its hyperparameters; on error nothing is added."""
+        """Add a group (a ``seed`` of None becomes ``torch.initial_seed()``), validated as in the base."""
         if param_group.get("seed", 0) is None:
             param_group = {**param_group, "seed": torch.initial_seed()}
         super().add_param_group(param_group)
-        try:
-            self._validate_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 class ManifoldOptimizer(EmergingOptimizer):
     """Validates every group's hyperparameters and params when the group is added (constructor included).
 
-    Subclasses implement ``_validate_group(group)``; ``_validate_param(p)`` accepts floating-point 2-D
+    Subclasses implement ``_validate_group(group)``; ``_validate_param(p, group)`` accepts floating-point 2-D
     params unless overridden (the error ends with :attr:`param_hint`).
     """
 
@@ -41,17 +41,5 @@ class ManifoldOptimizer(EmergingOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _validate_param(self, p: torch.Tensor) -> None:
+    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         check_matrix(p, type(self).__name__, hint=self.param_hint)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after validating its hyperparameters and params; on error nothing is added."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-            for p in group["params"]:
-                self._validate_param(p)
-        except Exception:
-            self.param_groups.pop()
-            raise

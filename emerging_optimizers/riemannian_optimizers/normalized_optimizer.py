@@ -156,7 +156,7 @@ class _ObliqueOptimizer(ManifoldOptimizer):
     # the reference keeps it on ``self``; here each group has its own (assigning sets every group)
     weight_decay_method = group_default("weight_decay_method")
 
-    def _validate_param(self, p: torch.Tensor) -> None:
+    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if not isinstance(p, torch.Tensor) or p.ndim < 2 or not p.is_floating_point():
             got = f"shape {tuple(p.shape)}, dtype {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
             raise MatrixShapeError(

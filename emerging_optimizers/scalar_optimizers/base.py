@@ -185,9 +185,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         if fp32_state not in (True, False):
             raise ValueError(f"Invalid fp32_state: {fp32_state!r}; use True or False.")
         defaults = dict(defaults, fused=fused, fp32_state=fp32_state)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._validate_group(group)
+        super().__init__(params, defaults)  # validates every group (EmergingOptimizer.add_param_group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
         self._fuse_failed = False
@@ -218,15 +216,6 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
     # ------------------------------------------------------------------ plumbing
     # the reference keeps it on ``self``; here each group has its own (the step reads the group's)
     weight_decay_method = group_default("weight_decay_method")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "_fuse_failed"):  # groups added after construction: refuse an invalid one whole
-            try:
-                self._validate_group(self.param_groups[-1])
-            except ValueError:
-                self.param_groups.pop()
-                raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_nonneg("lr", group["lr"])

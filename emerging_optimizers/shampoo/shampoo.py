@@ -380,15 +380,10 @@ class Shampoo(WeightDecayMixin, EmergingOptimizer):
         check_weight_decay_method(group["weight_decay_method"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and validate its hyperparameters; on error nothing is added."""
+        """Add a group (``betas`` given as a list become a tuple), validated as in the base."""
         if isinstance(param_group.get("betas"), list):
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
-        try:
-            self._validate_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     # ------------------------------------------------------------------ state
     @staticmethod

@@ -364,15 +364,6 @@ class SoapBase(WeightDecayMixin, EmergingOptimizer):
         check_positive_int("precondition_frequency", group["precondition_frequency"])
         check_nonneg("kl_eigval_floor", group["kl_eigval_floor"])
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group and validate its hyperparameters; on error nothing is added."""
-        super().add_param_group(param_group)
-        try:
-            self._validate_group(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
-
     # ------------------------------------------------------------------ the inner update
     def _scalar_update(self, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                        betas: tuple[float, float], step: int, group: dict[str, Any] | None = None) -> torch.Tensor:
