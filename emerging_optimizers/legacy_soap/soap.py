@@ -76,6 +76,7 @@ from emerging_optimizers.utils import (
     check_choice,
     check_nonneg,
     check_positive_int,
+    clip_update_rms_,
     fp32_matmul_precision,
 )
 
@@ -202,11 +203,9 @@ def update_eigenbasis_and_exp_avgs(
 
 
 def _clip_update_rms_in_place(u: torch.Tensor, max_rms: float, eps: float = 1e-7) -> None:
-    """Scale ``u`` in place by ``min(1, max_rms / (rms(u) + eps))``; nothing when ``max_rms == 0``. On device."""
-    if max_rms == 0:
-        return
-    rms = u.square().mean().sqrt()
-    u.mul_((max_rms / (rms + eps)).clamp(max=1.0))
+    """Scale ``u`` in place by ``min(1, max_rms / (rms(u) + eps))`` (the reference's name; see
+    :func:`emerging_optimizers.utils.clip_update_rms_`)."""
+    clip_update_rms_(u, max_rms, eps)
 
 
 def calculate_soap_update(

@@ -70,7 +70,7 @@ from emerging_optimizers.psgd.procrustes_step import procrustes_step
 from emerging_optimizers.psgd.psgd_kron_contractions import apply_preconditioner, partial_contraction
 from emerging_optimizers.psgd.psgd_utils import norm_lower_bound_spd, uniformize_q_in_place
 from emerging_optimizers.registry import register_optimizer
-from emerging_optimizers.utils import check_beta, check_nonneg, check_positive
+from emerging_optimizers.utils import check_beta, check_nonneg, check_positive, clip_update_rms_
 
 __all__ = [
     "PSGDPro",
@@ -162,14 +162,6 @@ def update_preconditioner(
     uniformize_q_in_place(Q_list)
 
 
-def _clip_rms(update: torch.Tensor, max_rms: float, eps: float = 1e-7) -> torch.Tensor:
-    """``update`` scaled by ``min(1, max_rms / (rms + eps))``; unchanged when ``max_rms == 0``."""
-    if max_rms == 0:
-        return update
-    rms = update.square().mean().sqrt()
-    return update * (max_rms / (rms + eps)).clamp(max=1.0)
-
-
 def calculate_psgd_update(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -197,7 +189,7 @@ def calculate_psgd_update(
     if update_precond:
         update_preconditioner(Q_list, L_list, exp_avg, noise, precond_lr=precond_lr, beta_lip=beta_lip,
                               damping_noise_scale=damping_noise_scale, generator=generator)
-    return _clip_rms(apply_preconditioner(Q_list, exp_avg), max_update_rms)
+    return clip_update_rms_(apply_preconditioner(Q_list, exp_avg), max_update_rms)
 
 
 # ---------------------------------------------------------------------------------------------- randomness

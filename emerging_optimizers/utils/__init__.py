@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "clip_update_rms_",
     "FP32MatmulPrecT",
     "fp32_matmul_precision",
     "MatrixShapeError",
@@ -82,3 +83,14 @@ def get_pg_rank(group: ProcessGroup | None = None) -> int:
     if group is None or not _distributed_ready():
         return 0
     return group.rank()
+
+
+def clip_update_rms_(u: torch.Tensor, max_rms: float, eps: float = 1e-7) -> torch.Tensor:
+    """Scale ``u`` in place by ``min(1, max_rms / (rms(u) + eps))`` and return it; nothing when ``max_rms == 0``.
+
+    The RMS clip of the Kronecker-factored optimizers (SOAP family, MOSO, PSGD); computed on device.
+    """
+    if max_rms == 0:
+        return u
+    rms = u.square().mean().sqrt()
+    return u.mul_((max_rms / (rms + eps)).clamp(max=1.0))
