@@ -7,6 +7,11 @@ reference library gets wrong:
 * gradients are checked early (sparse and complex gradients raise a ``ValueError`` naming the parameter);
 * ``_init_group(group, skip_non_grad_params=True)`` allocates state lazily, or eagerly for every parameter
   (frameworks call it before loading a checkpoint);
+* ``nonfinite`` (every optimizer's keyword-only option, per group): a step whose gradients hold NaN or Inf
+  changes nothing under ``"skip"`` (the default; counted in every group's ``"nonfinite_skipped"`` and warned
+  about, rate-limited), raises :class:`NonFiniteGradientError` naming the parameters under ``"raise"``
+  (nothing changed), and runs as before under ``"off"``. The check is one fused reduction per step (a
+  single host sync), agreed over all ranks when torch.distributed runs, and comes before any state is made;
 * ``load_state_dict`` refuses a state dict saved by another optimizer, or for parameters of other shapes,
   *before* touching anything, and keeps the state dtype the optimizer chose (torch would cast every state
   tensor to the parameter dtype, silently turning fp32 state of bf16 parameters into bf16).
@@ -16,16 +21,30 @@ Subclasses implement :meth:`EmergingOptimizer._init_param_state` and :meth:`Emer
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["EmergingOptimizer", "ParamsT", "group_default", "read_only_default"]
+from emerging_optimizers.utils.nonfinite import (
+    NONFINITE_POLICIES,
+    NonFiniteGradientError,
+    NonfiniteT,
+    all_ranks_agree,
+    nonfinite_counts,
+    nonfinite_flag,
+)
+
+__all__ = ["EmergingOptimizer", "NonFiniteGradientError", "NonfiniteT", "ParamsT", "group_default",
+           "read_only_default"]
+
+#: Group key counting the steps skipped under ``nonfinite="skip"`` (saved with the param groups).
+NONFINITE_COUNT_KEY = "nonfinite_skipped"
 
 #: Group keys that LR/momentum schedulers (and torch) add; a checkpoint may have or lack them.
 _SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum",
-                                   "swa_lr", "param_names"})
+                                   "swa_lr", "param_names", NONFINITE_COUNT_KEY})
 
 ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts, as torch.optim accepts
 
@@ -70,6 +89,19 @@ def group_default(name: str) -> property:
     return property(fget, fset, doc=f"The ``{name}`` of every param group (assigning sets it in all of them).")
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` pointing a warning at the first frame outside torch and this package (the user's call)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith(("torch.", "emerging_optimizers.")) or module in ("torch", "emerging_optimizers")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 class EmergingOptimizer(torch.optim.Optimizer):
     """Base class: closures, grad checks, lazy state, validated ``load_state_dict``."""
 
@@ -81,6 +113,10 @@ class EmergingOptimizer(torch.optim.Optimizer):
     matrix_only: bool = False
     #: Usable as ``MuonAdamW``'s ``matrix_optimizer`` (the side that gets the hidden matrices).
     matrix_optimizer_ok: bool = False
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, nonfinite: NonfiniteT = "skip") -> None:
+        """``torch.optim.Optimizer(params, defaults)`` with the ``nonfinite`` policy (module doc) in the defaults."""
+        super().__init__(params, {**defaults, "nonfinite": nonfinite})
 
     # ------------------------------------------------------------------ subclass interface
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +140,12 @@ class EmergingOptimizer(torch.optim.Optimizer):
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        group.setdefault("nonfinite", "skip")  # an optimizer whose defaults lack it (user subclasses)
+        group.setdefault(NONFINITE_COUNT_KEY, 0)
         try:
+            if group["nonfinite"] not in NONFINITE_POLICIES:
+                raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; use 'skip' (skip steps with NaN/Inf "
+                                 "gradients), 'raise' (stop with an error) or 'off' (no check).")
             self._validate_group(group)
             for p in group["params"]:
                 self._validate_param(p, group)
@@ -125,11 +166,75 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nonfinite_skip():
+            return loss
         for group in self.param_groups:
             params = self._init_group(group)
             if params:
                 self._step_group(group, params)
         return loss
+
+    # ------------------------------------------------------------------ non-finite gradients
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Steps skipped so far because a gradient held NaN or Inf (``nonfinite="skip"``)."""
+        return max((g.get(NONFINITE_COUNT_KEY, 0) for g in self.param_groups), default=0)
+
+    def _nonfinite_group(self) -> Any:
+        """The process group over which ranks agree to skip a step (None: the default group)."""
+        return None
+
+    def _nonfinite_skip(self) -> bool:
+        """Apply the groups' ``nonfinite`` policies before anything changes; True: skip this step.
+
+        The common path costs :func:`nonfinite_flag` over the checked gradients and one host sync (plus
+        one all-reduce of a flag when torch.distributed runs); only a suspect step looks at each tensor, to
+        confirm and to name the parameters.
+        """
+        checked = [(gi, i, p) for gi, group in enumerate(self.param_groups) if group["nonfinite"] != "off"
+                   for i, p in enumerate(group["params"]) if p.grad is not None]
+        if not checked and all(g["nonfinite"] == "off" for g in self.param_groups):
+            return False
+        for _, _, p in checked:
+            self._check_grad(p)
+        suspect = nonfinite_flag([p.grad for _, _, p in checked])
+        if suspect.device.type == "meta":  # meta tensors hold no values to check
+            return False
+        bad = []
+        if suspect.item():  # rare: confirm tensor by tensor (finite values whose squares overflow are fine)
+            bad = [(gi, i, p, nonfinite_counts(p.grad)) for gi, i, p in checked]
+            bad = [b for b in bad if any(b[3])]
+        flag = all_ranks_agree(torch.tensor(float(bool(bad))), self._nonfinite_group())
+        if not flag.item():
+            return False
+        described = ", ".join(self._describe_nonfinite(gi, i, p, counts) for gi, i, p, counts in bad[:8])
+        if len(bad) > 8:
+            described += f", and {len(bad) - 8} more"
+        if not bad:
+            described = "a parameter on another rank"
+        name = type(self).__name__
+        if any(self.param_groups[gi]["nonfinite"] == "raise" for gi, *_ in bad):
+            raise NonFiniteGradientError(
+                f"{name}.step: non-finite gradient in {described}; nothing was changed. Find the cause (a bad "
+                "batch, an fp16 overflow: use torch.amp.GradScaler), or build the optimizer with "
+                "nonfinite='skip' to skip such steps."
+            )
+        for group in self.param_groups:
+            group[NONFINITE_COUNT_KEY] = group.get(NONFINITE_COUNT_KEY, 0) + 1
+        count = self.nonfinite_skipped
+        if count & (count - 1) == 0:  # warn at 1, 2, 4, 8, ... skips
+            warnings.warn(
+                f"{name}.step skipped (non-finite gradient in {described}); {count} step(s) skipped so far "
+                "(optimizer.nonfinite_skipped). Parameters and optimizer state are unchanged. Pass "
+                "nonfinite='raise' to stop instead, or 'off' to disable the check.",
+                RuntimeWarning, stacklevel=_caller_stacklevel())
+        return True
+
+    def _describe_nonfinite(self, gi: int, i: int, p: torch.Tensor, counts: tuple[int, int, int]) -> str:
+        names = self.param_groups[gi].get("param_names")
+        label = repr(names[i]) if names and i < len(names) else f"param_groups[{gi}]['params'][{i}]"
+        parts = [f"{n} {kind}" for n, kind in zip(counts, ("NaN", "+Inf", "-Inf")) if n]
+        return f"{label} (shape {tuple(p.shape)}: {', '.join(parts)})"
 
     def _init_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> list[torch.Tensor]:
         """Create missing state for the group's params and return those that have a gradient.

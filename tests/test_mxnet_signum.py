@@ -29,9 +29,10 @@ def close(a, b):
 
 def test_signature_is_mxnets():
     params = list(inspect.signature(Signum).parameters.values())
+    # mxnet's arguments in mxnet's order; then our own keyword-only options (the non-finite gradient policy)
     assert [p.name for p in params] == ["params", "learning_rate", "momentum", "wd_lh", "wd", "rescale_grad",
-                                        "clip_gradient"]
-    assert [p.default for p in params[1:]] == [0.01, 0.9, 0.0, 0.0, 1.0, None]
+                                        "clip_gradient", "nonfinite"]
+    assert [p.default for p in params[1:]] == [0.01, 0.9, 0.0, 0.0, 1.0, None, "skip"]
     assert all(p.kind is p.KEYWORD_ONLY for p in params[4:])
 
 

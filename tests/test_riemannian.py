@@ -524,7 +524,7 @@ def test_reference_layout_and_registry():
     # the reference's positional order
     p = _param(4, 3)
     assert Iso([p], 0.1, 0.5, "polar").defaults == dict(lr=0.1, momentum=0.5, retraction="polar",
-                                                         fp32_matmul_prec="highest")
+                                                         fp32_matmul_prec="highest", nonfinite="skip")
     assert ObliqueSGD([p], 0.1, 0.5, 0.01).defaults["weight_decay"] == 0.01
     assert ObliqueAdam([p], 0.1, (0.8, 0.9), 0.01).defaults["betas"] == (0.8, 0.9)
     # params as a generator and as groups (the reference types them as list[Parameter])

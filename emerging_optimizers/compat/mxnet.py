@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.utils import check_beta, check_nonneg
 
@@ -60,7 +60,8 @@ class Signum(EmergingOptimizer):
     """
 
     def __init__(self, params: ParamsT, learning_rate: float = 0.01, momentum: float = 0.9, wd_lh: float = 0.0, *,
-                 wd: float = 0.0, rescale_grad: float = 1.0, clip_gradient: float | None = None) -> None:
+                 wd: float = 0.0, rescale_grad: float = 1.0, clip_gradient: float | None = None,
+                 nonfinite: NonfiniteT = "skip") -> None:
         check_nonneg("learning_rate", learning_rate)
         check_beta("momentum", momentum)
         check_nonneg("wd_lh", wd_lh)
@@ -72,7 +73,7 @@ class Signum(EmergingOptimizer):
             raise ValueError(f"Invalid clip_gradient: {clip_gradient!r}; use a number (<= 0 or None: no clipping).")
         defaults = dict(lr=learning_rate, momentum=momentum, wd_lh=wd_lh, wd=wd, rescale_grad=rescale_grad,
                         clip_gradient=clip_gradient)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"mom": torch.zeros_like(p)} if group["momentum"] > 0 else {}

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.contrib.row_norm import row_norm_fn, row_norms
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
@@ -98,6 +98,7 @@ class Muown(Muon):
         custom_coefficient_sets: Sequence[tuple[float, float, float]] | None = None,
         ns_method: NSMethodT = "auto",
         ns_compute_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._muown_defaults = {
@@ -119,7 +120,7 @@ class Muown(Muon):
             custom_coefficient_sets=custom_coefficient_sets,
             use_syrk=use_syrk,
             ns_method=ns_method,
-            ns_compute_dtype=ns_compute_dtype,
+            ns_compute_dtype=ns_compute_dtype, nonfinite=nonfinite,
         )
 
     # ------------------------------------------------------------------ validation and state

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.legacy_soap.soap import _clip_update_rms_in_place
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.registry import register_optimizer
@@ -166,12 +166,13 @@ class MOSO(WeightDecayMixin, EmergingOptimizer):
         weight_decay_method: WeightDecayT = "decoupled",
         power_iter_steps: int = 1,
         use_eigh: bool = False,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, rms_beta=rms_beta, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, max_update_rms=max_update_rms,
                         weight_decay_method=weight_decay_method, power_iter_steps=power_iter_steps, use_eigh=use_eigh)
         self._validate_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # The reference keeps these on ``self``; here reading gives the default, assigning sets every group.
     max_update_rms = group_default("max_update_rms")

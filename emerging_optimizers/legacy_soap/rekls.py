@@ -8,7 +8,7 @@ matrix per step. Everything else (defaults, fixes over the reference library) is
 
 from __future__ import annotations
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.legacy_soap.soap import SOAP
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.registry import register_optimizer
@@ -31,6 +31,7 @@ class REKLS(SOAP):
         weight_decay: float = 0.01,
         *,
         weight_decay_method: WeightDecayT = "decoupled",
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(params, lr, betas, shampoo_beta, eps, weight_decay, weight_decay_method=weight_decay_method,
-                         use_eigh=True, use_kl_shampoo=True)
+                         use_eigh=True, use_kl_shampoo=True, nonfinite=nonfinite)

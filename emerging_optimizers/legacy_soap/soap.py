@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.legacy_soap import soap_utils
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.registry import register_optimizer
@@ -321,6 +321,7 @@ class SOAP(WeightDecayMixin, EmergingOptimizer):
         precondition_frequency: int = 1,
         kl_eigval_floor: float = 1e-4,
         stream_list: Sequence[Any] | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -345,7 +346,7 @@ class SOAP(WeightDecayMixin, EmergingOptimizer):
         if stream_list is not None and not isinstance(stream_list, Sequence):
             raise ValueError(f"Invalid stream_list: {stream_list!r}; it must be a list of CUDA streams or None.")
         self.stream_list = list(stream_list) if stream_list else None
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # The reference keeps these on ``self``; here reading gives the default, assigning sets every group.
     weight_decay_method = group_default("weight_decay_method")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.legacy_soap.soap import SOAP
 from emerging_optimizers.registry import register_optimizer
 
@@ -56,10 +56,12 @@ class StackedSoap(SOAP):
         shampoo_beta: float = 0.95,
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        *,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(params, lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                          weight_decay_method="decoupled", nesterov=False, correct_bias=True, use_eigh=False,
-                         power_iter_steps=1, use_kl_shampoo=True)
+                         power_iter_steps=1, use_kl_shampoo=True, nonfinite=nonfinite)
 
     def _matrix_shape(self, shape: torch.Size) -> tuple[int, int] | None:
         if len(shape) != 3:

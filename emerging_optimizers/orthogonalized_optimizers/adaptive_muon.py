@@ -35,7 +35,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT, apply_weight_decay
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT, get_muon_scale_factor
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT, newton_schulz
@@ -153,6 +153,7 @@ class AdaptiveMuon(Muon):
         ns_method: NSMethodT = "auto",
         ns_compute_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._moment2_defaults = {"moment2_method": moment2_method, "beta2": beta2, "eps": eps}
@@ -172,7 +173,7 @@ class AdaptiveMuon(Muon):
             weight_update_hook=weight_update_hook,
             ns_method=ns_method,
             ns_compute_dtype=ns_compute_dtype,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     @property

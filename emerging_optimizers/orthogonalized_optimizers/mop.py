@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon import get_muon_scale_factor
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
@@ -97,6 +97,7 @@ class MOP(OrthogonalizedOptimizer):
         extra_scale_factor: float = 1.0,
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(
             params,
@@ -110,7 +111,7 @@ class MOP(OrthogonalizedOptimizer):
             weight_update_hook=weight_update_hook,
             scale_mode=scale_mode,
             extra_scale_factor=extra_scale_factor,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -48,7 +48,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.base import ParamsT, read_only_default
+from emerging_optimizers.base import NonfiniteT, ParamsT, read_only_default
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import (
     NSCoeffT,
@@ -188,6 +188,7 @@ class Muon(OrthogonalizedOptimizer):
         stacked_dims: int = 0,
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         if not isinstance(use_syrk, bool):
             raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False.")
@@ -211,7 +212,7 @@ class Muon(OrthogonalizedOptimizer):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=None if split_sizes is None else tuple(split_sizes),
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     # ------------------------------------------------------------------ read-only views of the defaults

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
@@ -79,6 +79,7 @@ class MuonHyperball(Muon):
         stacked_dims: int = 0,
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._hyperball_defaults = {"hyperball_radius": hyperball_radius, "hyperball_eps": hyperball_eps}
@@ -102,7 +103,7 @@ class MuonHyperball(Muon):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     @property

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Generic
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.utils import (
     FP32MatmulPrecT,
@@ -88,6 +88,7 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         fp32_matmul_prec: FP32MatmulPrecT,
         scaled_orthogonalize_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         weight_update_hook: WeightUpdateHook[HookStateT] | None = None,
+        nonfinite: NonfiniteT = "skip",
         **kwargs: Any,
     ) -> None:
         if scaled_orthogonalize_fn is None:
@@ -119,7 +120,7 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
             **kwargs,
         )
         self._validate_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # ------------------------------------------------------------------ defaults, read-only views
     # Per-group values live in ``param_groups``; these return the constructor's defaults.

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, check_ns_options, newton_schulz
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
@@ -200,6 +200,7 @@ class PolarGrad(OrthogonalizedOptimizer):
         custom_coefficient_sets: Sequence[tuple[float, float, float]] | None = None,
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(
             params,
@@ -215,7 +216,7 @@ class PolarGrad(OrthogonalizedOptimizer):
             num_ns_steps=num_ns_steps,
             extra_scale_factor=extra_scale_factor,
             custom_coefficient_sets=custom_coefficient_sets,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
@@ -89,6 +89,7 @@ class Scion(Muon):
         stacked_dims: int = 0,
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         self._spectral_radius_default = spectral_radius  # read by _validate_group during Muon.__init__
         super().__init__(
@@ -109,7 +110,7 @@ class Scion(Muon):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     @property

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, check_ns_options, newton_schulz
 from emerging_optimizers.orthogonalized_optimizers.orthogonalized_optimizer import (
@@ -84,6 +84,7 @@ class Spel(OrthogonalizedOptimizer):
         custom_coefficient_sets: Sequence[tuple[float, float, float]] | None = None,
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         self._active_group: dict[str, Any] | None = None
         super().__init__(
@@ -99,7 +100,7 @@ class Spel(OrthogonalizedOptimizer):
             coefficient_type=coefficient_type,
             num_ns_steps=num_ns_steps,
             custom_coefficient_sets=custom_coefficient_sets,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.psgd.procrustes_step import procrustes_step
 from emerging_optimizers.psgd.psgd_kron_contractions import apply_preconditioner, partial_contraction
@@ -287,6 +287,7 @@ class PSGDPro(WeightDecayMixin, EmergingOptimizer):
         max_dense_dim: int = 8192,
         precond_update_every: int = 1,
         seed: int | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -305,7 +306,7 @@ class PSGDPro(WeightDecayMixin, EmergingOptimizer):
             seed=torch.initial_seed() if seed is None else seed,
         )
         self._validate_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # The reference keeps these on ``self``; here reading gives the default, assigning sets every group.
     weight_decay_method = group_default("weight_decay_method")

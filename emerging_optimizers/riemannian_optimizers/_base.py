@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
 from emerging_optimizers.utils import check_matrix
 
 __all__ = ["ManifoldOptimizer", "state_dtype"]
@@ -34,9 +34,9 @@ class ManifoldOptimizer(EmergingOptimizer):
     #: Appended to the error for a parameter of the wrong shape.
     param_hint: ClassVar[str] = ""
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, nonfinite: NonfiniteT = "skip") -> None:
         self._validate_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError

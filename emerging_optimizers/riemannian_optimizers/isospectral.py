@@ -57,7 +57,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from emerging_optimizers.base import ParamsT, group_default
+from emerging_optimizers.base import NonfiniteT, ParamsT, group_default
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.riemannian_optimizers._base import ManifoldOptimizer, state_dtype
 from emerging_optimizers.utils import FP32MatmulPrecT, check_beta, check_choice, check_nonneg, fp32_matmul_precision
@@ -196,9 +196,10 @@ class Iso(ManifoldOptimizer):
         retraction: RetractionT = "qr",
         *,
         fp32_matmul_prec: FP32MatmulPrecT = "highest",
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, retraction=retraction, fp32_matmul_prec=fp32_matmul_prec)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_nonneg("lr", group["lr"])

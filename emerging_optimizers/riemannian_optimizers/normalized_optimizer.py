@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT, group_default
+from emerging_optimizers.base import NonfiniteT, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.riemannian_optimizers._base import ManifoldOptimizer, state_dtype
@@ -222,10 +222,11 @@ class ObliqueSGD(_ObliqueOptimizer):
         weight_decay_method: WeightDecayT = "decoupled",
         dim: int = 0,
         eps: float = 1e-8,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         weight_decay_method=weight_decay_method, dim=dim, eps=eps)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._validate_common(group)
@@ -264,12 +265,13 @@ class ObliqueAdam(_ObliqueOptimizer):
         dim: int = 0,
         eps: float = 1e-8,
         correct_bias: bool = True,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         if isinstance(betas, list):
             betas = tuple(betas)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, weight_decay_method=weight_decay_method,
                         dim=dim, eps=eps, correct_bias=correct_bias)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._validate_common(group)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weight_decay_method, decay_factor
 from emerging_optimizers.utils import check_beta, check_nonneg
 
@@ -179,13 +179,13 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
     kernel: ClassVar[Kernel]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, fused: bool | None = None,
-                 fp32_state: bool = False) -> None:
+                 fp32_state: bool = False, nonfinite: NonfiniteT = "skip") -> None:
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r}; use None (auto), True or False.")
         if fp32_state not in (True, False):
             raise ValueError(f"Invalid fp32_state: {fp32_state!r}; use True or False.")
         defaults = dict(defaults, fused=fused, fp32_state=fp32_state)
-        super().__init__(params, defaults)  # validates every group (EmergingOptimizer.add_param_group)
+        super().__init__(params, defaults, nonfinite=nonfinite)  # validates every group (add_param_group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
         self._fuse_failed = False
@@ -340,7 +340,8 @@ class UpdateFnOptimizer(ScalarOptimizer):
     state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, update_fn: Callable[..., torch.Tensor],
-                 update_kwarg_names: tuple[str, ...], weight_decay_method: WeightDecayT = "decoupled") -> None:
+                 update_kwarg_names: tuple[str, ...], weight_decay_method: WeightDecayT = "decoupled",
+                 nonfinite: NonfiniteT = "skip") -> None:
         if not callable(update_fn):
             raise TypeError(f"update_fn must be callable, got {type(update_fn).__name__}.")
         if isinstance(update_kwarg_names, str):
@@ -350,7 +351,8 @@ class UpdateFnOptimizer(ScalarOptimizer):
             raise ValueError(f"update_kwarg_names {missing} not present in defaults (keys: {sorted(defaults)}).")
         self.update_fn = update_fn
         self.update_kwarg_names = tuple(update_kwarg_names)
-        super().__init__(params, dict(defaults, weight_decay_method=weight_decay_method), fused=False)
+        super().__init__(params, dict(defaults, weight_decay_method=weight_decay_method), fused=False,
+                         nonfinite=nonfinite)
 
     def pre_step_inplace(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
         """Hook called before the weight decay and the update; its return value reaches :meth:`post_step_inplace`."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.scalar_optimizers.base import ScalarOptimizer
@@ -44,9 +44,10 @@ class RMSProp(ScalarOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, weight_decay_method: WeightDecayT = "decoupled",
-                 fused: bool | None = None, fp32_state: bool = False) -> None:
+                 fused: bool | None = None, fp32_state: bool = False,
+                 nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_beta("alpha", group["alpha"])

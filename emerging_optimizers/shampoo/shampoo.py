@@ -85,7 +85,7 @@ from typing import Any, Literal
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
 from emerging_optimizers.legacy_soap.matrix_root_inverse_utils import (
     INVERSE_ROOT_METHODS,
     InverseRootMethodT,
@@ -344,6 +344,7 @@ class Shampoo(WeightDecayMixin, EmergingOptimizer):
         root_relative_eps: float = 1e-6,
         inv_root_override: int = 0,
         weight_decay_method: WeightDecayT = "decoupled",
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, shampoo_beta=shampoo_beta,
@@ -354,7 +355,7 @@ class Shampoo(WeightDecayMixin, EmergingOptimizer):
             weight_decay_method=weight_decay_method,
         )
         self._validate_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:

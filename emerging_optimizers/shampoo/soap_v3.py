@@ -85,7 +85,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
 from emerging_optimizers.legacy_soap.soap import (
     _clip_update_rms_in_place,
     project_in,
@@ -321,6 +321,7 @@ class SoapBase(WeightDecayMixin, EmergingOptimizer):
         kl_eigval_floor: float = 1e-4,
         stream_list: Sequence[Any] | None = None,
         inner_defaults: Mapping[str, Any] | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -341,7 +342,7 @@ class SoapBase(WeightDecayMixin, EmergingOptimizer):
         self.stream_list = list(stream_list) if stream_list else None
         # Overrides written for the reference take (..., *, betas, step) only; ours also take the group.
         self._scalar_update_takes_group = _accepts(self._scalar_update, "group")
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     # The reference keeps these on ``self``; here reading gives the default, assigning sets every group.
     eps = group_default("eps")
@@ -472,11 +473,12 @@ class KlSoapV3(SoapBase):
         precondition_frequency: int = 1,
         kl_eigval_floor: float = 1e-4,
         stream_list: Sequence[Any] | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(params, lr, betas, shampoo_beta, eps, weight_decay, weight_decay_method=weight_decay_method,
                          correct_bias=correct_bias, max_update_rms=max_update_rms,
                          precondition_frequency=precondition_frequency, kl_eigval_floor=kl_eigval_floor,
-                         stream_list=stream_list, inner_defaults={"nesterov": nesterov})
+                         stream_list=stream_list, inner_defaults={"nesterov": nesterov}, nonfinite=nonfinite)
 
     nesterov = group_default("nesterov")
 
@@ -528,11 +530,12 @@ class KlMSoap(SoapBase):
         kl_eigval_floor: float = 1e-4,
         scale_log2: int = 16,
         stream_list: Sequence[Any] | None = None,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         super().__init__(params, lr, betas, shampoo_beta, eps, weight_decay, weight_decay_method=weight_decay_method,
                          correct_bias=correct_bias, max_update_rms=max_update_rms,
                          precondition_frequency=precondition_frequency, kl_eigval_floor=kl_eigval_floor,
-                         stream_list=stream_list, inner_defaults={"scale_log2": scale_log2})
+                         stream_list=stream_list, inner_defaults={"scale_log2": scale_log2}, nonfinite=nonfinite)
 
     scale_log2 = group_default("scale_log2")
 
