@@ -82,10 +82,17 @@ CASES += [
     _matrix("muown", 0.02, state_in_param_dtype=False),  # Muown keeps its factorized state in float32
 ]
 
+def _by_shape(name: str, p: torch.Tensor) -> str:
+    return "matrix" if p.ndim >= 2 else "adamw"
+
+
 CASES += [
     # The whole-model optimizer: matrices to the matrix optimizer, biases to AdamW (``lr`` is the matrix side's).
-    Case("muon_adamw", lambda params, **o: eo.MuonAdamW(params, **o), 2e-2, fp32_state=True),
-    Case("muon_adamw-scion", lambda params, **o: eo.MuonAdamW(params, **{"matrix_optimizer": "scion", **o}), 2e-2,
+    # The cases get plain tensors (no names: the default rule would send them all to AdamW, with a warning),
+    # so they route by shape: matrices to the matrix side.
+    Case("muon_adamw", lambda params, **o: eo.MuonAdamW(params, **{"route": _by_shape, **o}), 2e-2, fp32_state=True),
+    Case("muon_adamw-scion", lambda params, **o: eo.MuonAdamW(params, **{"matrix_optimizer": "scion",
+                                                                         "route": _by_shape, **o}), 2e-2,
          fp32_state=True),
 ]
 

@@ -92,7 +92,7 @@ def sides(opt: MuonAdamW) -> dict[str, str]:
         ("classifier.weight", (10, 16), "adamw"),
         ("output.weight", (20, 16), "adamw"),
         ("regressor.weight", (1, 16), "adamw"),  # a [1, d] matrix is a vector
-        ("", (16, 16), "matrix"),  # unnamed: shape only
+        ("", (16, 16), "adamw"),  # unnamed: the conservative side (rule 5)
     ],
 )
 def test_default_route(name, shape, side):
@@ -108,12 +108,18 @@ def test_named_parameters_module_and_plain_params_are_routed():
     model.shared = model.embed
     del model.embed
     assert sides(MuonAdamW(model))["shared.weight"] == "adamw"
-    assert sides(MuonAdamW(model.named_parameters()))["shared.weight"] == "matrix"  # by name alone: a matrix
-    # Plain tensors: by shape only; a model without 1-D params has a matrix side only.
+    assert sides(MuonAdamW(model.named_parameters()))["shared.weight"] == "adamw"  # T5's name for the table
+    model.table = model.shared
+    del model.shared
+    assert sides(MuonAdamW(model))["table.weight"] == "adamw"
+    assert sides(MuonAdamW(model.named_parameters()))["table.weight"] == "matrix"  # by name alone: a matrix
+    # Plain tensors have no names: matrices go to the conservative side (AdamW), with a warning.
     w, b = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4))
-    opt = MuonAdamW([w, b])
-    assert [(g["side"], g["params"]) for g in opt.param_groups] == [("matrix", [w]), ("adamw", [b])]
-    assert [g["side"] for g in MuonAdamW([w]).param_groups] == ["matrix"]
+    with pytest.warns(UserWarning, match="no name"):
+        opt = MuonAdamW([w, b])
+    assert [(g["side"], g["params"]) for g in opt.param_groups] == [("adamw", [w, b])]
+    with pytest.warns(UserWarning, match="no name"):
+        assert [g["side"] for g in MuonAdamW([w]).param_groups] == ["adamw"]
 
 
 def test_route_override_and_pinned_groups():
@@ -341,7 +347,8 @@ def test_summary_and_repr():
     assert rows["embed.weight"][1] == "adamw" and rows["embed.weight"][-1] == "nn.Embedding"
     assert rows["head.weight"][-3:] == ["output", "head", "('head')"]
     assert rows["norm.bias"][-1] == "1-D" and rows["norm.bias"][5] == "0.003"
-    assert "<param 0>" in MuonAdamW([torch.zeros(3, 3, requires_grad=True)]).summary()
+    with pytest.warns(UserWarning, match="no name"):
+        assert "<param 0>" in MuonAdamW([torch.zeros(3, 3, requires_grad=True)]).summary()
     r = repr(opt)
     assert r.startswith("MuonAdamW(matrix_optimizer=Muon: 3 params, AdamW: 8 params") and "side: adamw" in r
 

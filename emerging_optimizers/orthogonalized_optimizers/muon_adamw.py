@@ -10,21 +10,51 @@ the output head, norms and biases with AdamW (arXiv:1711.05101). ``MuonAdamW`` d
 * **adamw side** (everything else): :class:`~emerging_optimizers.scalar_optimizers.AdamW` with ``adamw_lr``,
   ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` and ``adamw_kwargs``.
 
-Routing rule (:func:`default_route`, overridable with ``route=callable(name, param) -> "matrix" | "adamw"``):
-a parameter goes to the matrix side iff
+Routing rule. Pass the model itself, ``MuonAdamW(model)``: then the rule knows names, module types and the
+model's output sizes. ``MuonAdamW(model.named_parameters())`` (or groups of ``(name, tensor)`` pairs) gives it
+names only, which suffices for the usual names (all rules but 4 and the module-type half of 2). A parameter
+goes to the matrix side iff
 
 1. it is a real matrix: floating point, ``ndim >= 2``, and its ``[shape[0], -1]`` view has at least 2 rows and
-   2 columns (a ``[1, 1, d]`` class token or a ``[1, n, d]`` position table is a vector in disguise);
-2. no component of its dotted name contains ``"embed"`` or is one of :data:`EMBEDDING_NAMES`
-   (``wte``, ``wpe``, ``tok_emb``, ...), and its own name does not contain ``"token"`` (``cls_token``,
-   ``register_tokens``);
-3. no component of its name is one of :data:`HEAD_NAMES` (``head``, ``lm_head``, ``classifier``, ...), and the
-   module that owns it is not named ``output`` (Llama's head ``output.weight``; BERT's hidden
-   ``attention.output.dense.weight`` stays a matrix);
-4. with an ``nn.Module`` as ``params``, it is not the weight of an ``nn.Embedding`` / ``nn.EmbeddingBag``.
+   2 columns (a ``[1, 1, d]`` class token, a ``[1, n, d]`` position table or a ``[C, 1, 1, 1]`` kernel is a
+   vector in disguise);
+2. it is no embedding table: not the weight of an ``nn.Embedding`` / ``nn.EmbeddingBag`` (module form, whichever
+   module owns a tied weight: GPT-2's ``lm_head``, ``embed.weight = head.weight``), no component of its dotted
+   name contains ``"embed"`` or is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``tok_emb``,
+   ``relative_attention_bias``, ...), the module that owns it is not :data:`EMBEDDING_OWNER_NAMES` ``shared``
+   outside numbered blocks (T5's and BART's ``shared.weight``), and its own name does not contain ``"token"``
+   (``cls_token``, ``register_tokens``);
+3. it is in no output head: no component of its name is one of :data:`HEAD_NAMES` (``head``, ``lm_head``,
+   ``classifier``, ``score``, ``qa_outputs``, ``cls``, ...; everything under such a module is head, e.g.
+   RoBERTa's ``classifier.dense``), and the module that owns it is not one of :data:`OUTPUT_OWNER_NAMES`
+   (``output``, ``fc``) outside numbered blocks: Llama's ``output.weight`` and ResNet's ``fc.weight`` are heads,
+   BERT's ``encoder.layer.0.attention.output.dense.weight`` and a ``blocks.0.fc.weight`` are not. ``pooler`` is
+   no head name: BERT's ``pooler.dense`` is hidden x hidden (a pooler that projects to the labels is caught by
+   rule 4);
+4. (module form) it is not the weight of the model's output ``nn.Linear``: the last ``nn.Linear`` in
+   ``model.modules()`` order whose ``out_features`` is an output size of the model (:data:`OUTPUT_SIZE_ATTRS`
+   ``vocab_size`` / ``num_labels`` / ``num_classes`` of ``model.config`` (Hugging Face) or of the model, or
+   the rows of one of its embedding tables) and not a hidden width (the input width of some Linear, conv or
+   norm: this keeps the default ``num_labels=2`` of every Hugging Face config, or 1024 positions in a model of
+   width 1024, from picking a hidden layer). A model that declares no output size at all (a plain
+   ``nn.Sequential`` MLP) has its last ``nn.Linear`` as head, under the same width condition;
+5. it has a name: matrices without one (``model.parameters()``, plain tensors in an unpinned group) go to the
+   AdamW side, the conservative one, and the constructor warns once (``UserWarning``). Pinned groups and
+   ``route=`` get no warning.
 
-Names are only known when ``params`` is ``model.named_parameters()`` (preferred), an ``nn.Module``, or groups of
-``(name, tensor)`` pairs; plain tensors are routed by rule 1 only (``route`` then gets ``""`` as the name).
+Conv nets: every conv kernel passing rule 1 is a matrix (its ``[out_channels, -1]`` view, ``C_out x
+C_in*k*k``), hidden convs, ResNet's ``downsample.0`` 1x1 convs and the stem conv alike; that is Keller Jordan's
+recipe (for a conv net, Muon gets all conv filters, AdamW the classifier head, gains and biases). The stem is a
+dense linear map of pixel patches, not a lookup table like an embedding (the stem of Keller Jordan's CIFAR-10
+speedrun is a whitening conv whose weight is frozen, on neither side). A depthwise kernel ``[C, 1, k, k]`` is a
+``C x k*k`` matrix: orthogonalizing it equalizes the at most ``k*k`` directions of the filter bank, like any tall
+matrix, so it stays on the matrix side for ``k*k >= 2``; a ``[C, 1, 1, 1]`` one is a per-channel gain (rule 1).
+A conv stem named as an embedding (ViT's ``patch_embeddings.projection``, timm's ``patch_embed.proj``) follows
+rule 2.
+
+``route=callable(name, param) -> "matrix" | "adamw"`` replaces the rule for unpinned groups (unnamed params get
+``""``; only floating-point params with ``ndim >= 2`` may go to the matrix side); :func:`default_route` is the
+rule by name and shape (rules 1, 3, 5 and the names of 2), for a ``route`` to fall back on.
 :meth:`MuonAdamW.summary` prints where every parameter went and why.
 
 Param groups. ``params`` may be param groups (dicts). A group may pin its side with ``"side": "matrix" |
@@ -61,6 +91,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -69,60 +101,144 @@ import torch
 from torch import nn
 
 from emerging_optimizers import registry
-from emerging_optimizers.base import EmergingOptimizer, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon  # noqa: F401 - registers "muon"
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.scalar_optimizers.adam import AdamW
 
 __all__ = ["MuonAdamW", "SideT", "RouteFn", "default_route", "matrix_optimizer_names", "EMBEDDING_NAMES",
-           "HEAD_NAMES"]
+           "EMBEDDING_OWNER_NAMES", "HEAD_NAMES", "OUTPUT_OWNER_NAMES", "OUTPUT_SIZE_ATTRS"]
 
 SideT = Literal["matrix", "adamw"]
 SIDES: tuple[str, ...] = get_args(SideT)
 RouteFn = Callable[[str, torch.Tensor], str]
 
 #: Name components that mark an embedding table (besides any component containing ``"embed"``).
-EMBEDDING_NAMES: tuple[str, ...] = ("wte", "wpe", "emb", "tok_emb", "pos_emb", "word_emb")
-#: Name components that mark an output head (anywhere in the name: ``head.fc.weight`` is a head too).
-HEAD_NAMES: tuple[str, ...] = ("head", "lm_head", "classifier", "cls_head", "out_head", "output_head")
-#: Names of a module that is an output head when it owns the parameter directly (``output.weight``).
-OUTPUT_OWNER_NAMES: tuple[str, ...] = ("output",)
+EMBEDDING_NAMES: tuple[str, ...] = ("wte", "wpe", "emb", "tok_emb", "pos_emb", "word_emb", "relative_attention_bias")
+#: Names of a module that is an embedding table when it owns the parameter directly, outside numbered blocks
+#: (T5's and BART's ``shared.weight``; DeepSeek's ``mlp.shared_experts`` is another name).
+EMBEDDING_OWNER_NAMES: tuple[str, ...] = ("shared",)
+#: Name components that mark an output head anywhere in the name: everything under such a module is head
+#: (``head.fc.weight``, RoBERTa's ``classifier.dense.weight``, BERT's ``cls.predictions.transform.dense.weight``).
+HEAD_NAMES: tuple[str, ...] = ("head", "lm_head", "classifier", "cls_head", "out_head", "output_head", "score",
+                               "qa_outputs", "cls")
+#: Names of a module that is an output head when it owns the parameter directly, outside numbered blocks
+#: (Llama's ``output.weight``, ResNet's ``fc.weight``; not BERT's ``layer.0.attention.output.dense.weight``, nor
+#: a ``blocks.0.fc.weight``).
+OUTPUT_OWNER_NAMES: tuple[str, ...] = ("output", "fc")
+#: Attributes of the model (and of its ``config``) that give an output size (the module form's rule 4).
+OUTPUT_SIZE_ATTRS: tuple[tuple[str, str], ...] = (("vocab_size", "vocab size"), ("num_labels", "num_labels"),
+                                                  ("num_classes", "num_classes"))
+#: Module attributes that give a hidden width: an input width of some layer (``nx``: Hugging Face's Conv1D).
+_WIDTH_ATTRS = ("in_features", "in_channels", "num_features", "num_channels", "nx")
 
 _PREFIX = "adamw_"
-_SHARED_KEYS = ("fp32_state",)  # options of an unpinned group that apply to both sides
+_SHARED_KEYS = ("fp32_state", "nonfinite")  # options of an unpinned group that apply to both sides
 _PIN_KEYS = ("side", "use_muon")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_UNNAMED = "unnamed: conservative side"
 
 
 # ---------------------------------------------------------------------------------------------- routing rule
 def _is_matrix(p: torch.Tensor) -> bool:
+    """Rule 1: floating point, ``ndim >= 2`` and a ``[shape[0], -1]`` view of at least 2 x 2 (conv kernels too)."""
     return p.is_floating_point() and p.ndim >= 2 and p.shape[0] >= 2 and p.numel() // p.shape[0] >= 2
 
 
-def _route_with_reason(name: str, p: torch.Tensor, embedding_module: bool = False) -> tuple[SideT, str]:
-    """:func:`default_route` and the reason for its answer (shown by :meth:`MuonAdamW.summary`)."""
+@dataclass
+class _ModuleFacts:
+    """What an ``nn.Module`` tells beyond names: ``id(param) -> reason`` for the params it sends to AdamW."""
+
+    embeddings: dict[int, str] = field(default_factory=dict)  # weights of nn.Embedding / nn.EmbeddingBag (rule 2)
+    outputs: dict[int, str] = field(default_factory=dict)  # the weight of the output nn.Linear (rule 4)
+
+
+def _int_size(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
+
+
+def _module_facts(model: nn.Module) -> _ModuleFacts:
+    """Embedding weights (by module type, tied ones included) and the output ``nn.Linear`` (rule 4) of ``model``."""
+    facts = _ModuleFacts()
+    sizes: dict[int, str] = {}  # output size -> where it comes from (first source wins)
+    for owner in (getattr(model, "config", None), model):
+        for attr, label in OUTPUT_SIZE_ATTRS:
+            size = _int_size(getattr(owner, attr, None)) if owner is not None else None
+            if size is not None:
+                sizes.setdefault(size, label)
+    widths: set[int] = set()
+    linears: list[nn.Linear] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            kind = "nn.Embedding" if isinstance(module, nn.Embedding) else "nn.EmbeddingBag"
+            for p in module.parameters(recurse=False):
+                facts.embeddings.setdefault(id(p), kind)
+            if (size := _int_size(module.num_embeddings)) is not None:
+                sizes.setdefault(size, f"{kind} size")
+        if isinstance(module, nn.Linear) and not isinstance(module.weight, nn.parameter.UninitializedParameter):
+            linears.append(module)
+        for attr in _WIDTH_ATTRS:
+            if (width := _int_size(getattr(module, attr, None))) is not None:
+                widths.add(width)
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and shape and (width := _int_size(shape[-1])) is not None:
+            widths.add(width)
+    # An output Linear's out_features is no layer's input width (that also rules out square Linears).
+    outputs = [m for m in linears if m.out_features not in widths]
+    sized = [m for m in outputs if m.out_features in sizes]
+    if sized:
+        head = sized[-1]
+        facts.outputs[id(head.weight)] = f"last Linear, out_features == {sizes[head.out_features]} {head.out_features}"
+    elif not sizes and linears and linears[-1] in outputs:
+        facts.outputs[id(linears[-1].weight)] = "last Linear (the model declares no output size)"
+    return facts
+
+
+def _outside_blocks(parts: list[str]) -> bool:
+    """The owner module ``parts[-2]`` is not inside a numbered block (``layers.3``, ``blocks.0``, ``layer1.1``)."""
+    return not any(part.isdigit() for part in parts[:-2])
+
+
+def _route_with_reason(name: str, p: torch.Tensor, facts: _ModuleFacts | None = None) -> tuple[SideT, str]:
+    """:func:`default_route` (``facts``: rules 2 and 4 of the module form) and the reason shown by ``summary()``."""
     if not _is_matrix(p):
         if not p.is_floating_point():
             return "adamw", str(p.dtype).removeprefix("torch.")
         return "adamw", f"{p.ndim}-D" if p.ndim < 2 else "vector-shaped"
-    if embedding_module:
-        return "adamw", "nn.Embedding"
-    parts = name.lower().split(".") if name else []
+    if facts is not None and id(p) in facts.embeddings:
+        return "adamw", facts.embeddings[id(p)]
+    if not name:
+        return "adamw", _UNNAMED
+    parts = name.lower().split(".")
     for part in parts:
         if "embed" in part or part in EMBEDDING_NAMES:
             return "adamw", f"embedding ({part!r})"
-    if parts and "token" in parts[-1]:
+    if len(parts) >= 2 and parts[-2] in EMBEDDING_OWNER_NAMES and _outside_blocks(parts):
+        return "adamw", f"embedding ({parts[-2]!r})"
+    if "token" in parts[-1]:
         return "adamw", f"token ({parts[-1]!r})"
     for part in parts:
         if part in HEAD_NAMES:
             return "adamw", f"output head ({part!r})"
-    if len(parts) >= 2 and parts[-2] in OUTPUT_OWNER_NAMES:
+    if len(parts) >= 2 and parts[-2] in OUTPUT_OWNER_NAMES and _outside_blocks(parts):
         return "adamw", f"output head ({parts[-2]!r})"
+    if facts is not None and id(p) in facts.outputs:
+        return "adamw", facts.outputs[id(p)]
     return "matrix", "hidden matrix"
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised by this module's caller's caller: the first frame outside this file."""
+    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def default_route(name: str, param: torch.Tensor) -> SideT:
-    """The default rule (module docstring): ``"matrix"`` for hidden matrices, ``"adamw"`` for the rest."""
+    """The default rule by name and shape (module docstring, rules 1 to 3 and 5): ``"matrix"`` for hidden
+    matrices, ``"adamw"`` for the rest, unnamed matrices (``name == ""``) included. Rules 2 and 4 by module type
+    and output size need the module: ``MuonAdamW(model)``."""
     return _route_with_reason(name, param)[0]
 
 
@@ -254,9 +370,13 @@ class _Split:
 class MuonAdamW(EmergingOptimizer):
     """Orthogonalized updates for hidden matrices, AdamW for embeddings, heads, norms and biases (module doc).
 
+    ``MuonAdamW(model)`` is the first form (names, module types and output sizes drive the rule);
+    ``MuonAdamW(model.named_parameters())`` the second (names only).
+
     Args:
-        params: ``model.named_parameters()`` (preferred: names drive the rule), an ``nn.Module``, tensors, or
-            param groups (see the module docstring for ``side`` / ``use_muon`` and ``adamw_`` options).
+        params: the model (an ``nn.Module``), ``model.named_parameters()``, or param groups (see the module
+            docstring for ``side`` / ``use_muon`` and ``adamw_`` options). Matrices without names
+            (``model.parameters()``) go to the AdamW side, with a warning.
         lr: learning rate of the matrix side (5e-3, for Muon's spectral scaling: update RMS about 1).
         momentum: momentum of the matrix side (0.95).
         weight_decay: weight decay of the matrix side (0.01, decoupled).
@@ -272,6 +392,8 @@ class MuonAdamW(EmergingOptimizer):
         route: ``route(name, param) -> "matrix" | "adamw"`` replacing :func:`default_route` for unpinned groups.
         fp32_state: keep both sides' state in float32 for bf16/fp16 params (AdamW's ``fp32_state``; Muon's
             momentum, unless ``momentum_dtype`` is set).
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"off"``: what a step with NaN/Inf gradients does
+            (:class:`~emerging_optimizers.base.EmergingOptimizer`); one check over both sides.
     """
 
     def __init__(
@@ -290,13 +412,16 @@ class MuonAdamW(EmergingOptimizer):
         adamw_kwargs: dict[str, Any] | None = None,
         route: RouteFn | None = None,
         fp32_state: bool = False,
+        nonfinite: NonfiniteT = "skip",
     ) -> None:
         matrix_cls = _matrix_cls(matrix_optimizer)
         matrix_kwargs = _check_kwargs("matrix_kwargs", matrix_kwargs, matrix_cls,
-                                      {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"})
+                                      {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+                                       "nonfinite": "nonfinite"})
         adamw_kwargs = _check_kwargs("adamw_kwargs", adamw_kwargs, AdamW,
                                      {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps",
-                                      "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state"})
+                                      "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state",
+                                      "nonfinite": "nonfinite"})
         if route is not None and not callable(route):
             raise TypeError(f"Invalid route: expected a callable route(name, param) -> 'matrix' | 'adamw', got "
                             f"{type(route).__name__}.")
@@ -312,10 +437,11 @@ class MuonAdamW(EmergingOptimizer):
             return [s.groups[side] for s in splits if side in s.groups]
 
         matrix = self._build(matrix_cls, side_groups("matrix"),
-                             dict(_shared_matrix_kwargs(matrix_cls, momentum, weight_decay), lr=lr, **matrix_kwargs))
+                             dict(_shared_matrix_kwargs(matrix_cls, momentum, weight_decay), lr=lr,
+                                  nonfinite=nonfinite, **matrix_kwargs))
         adamw = self._build(AdamW, side_groups("adamw"),
                             dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
-                                 fp32_state=fp32_state, **adamw_kwargs))
+                                 fp32_state=fp32_state, nonfinite=nonfinite, **adamw_kwargs))
         self._inner: dict[str, EmergingOptimizer] = {"matrix": matrix, "adamw": adamw}
         for s in splits:
             self._check_split(s)
@@ -324,7 +450,7 @@ class MuonAdamW(EmergingOptimizer):
         self._constructing = False
         self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, adamw_lr=adamw_lr,
                              adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
-                             adamw_weight_decay=adamw_weight_decay, fp32_state=fp32_state)
+                             adamw_weight_decay=adamw_weight_decay, fp32_state=fp32_state, nonfinite=nonfinite)
         self._sync_inner()
 
     # ------------------------------------------------------------------ the two inner optimizers
@@ -354,13 +480,11 @@ class MuonAdamW(EmergingOptimizer):
 
     # ------------------------------------------------------------------ routing and group splitting
     @staticmethod
-    def _user_groups(params: ParamsT) -> tuple[list[dict[str, Any]], set[int]]:
-        """User param groups (dicts) and the ids of nn.Embedding weights (when ``params`` is a module)."""
-        embedding_ids: set[int] = set()
+    def _user_groups(params: ParamsT) -> tuple[list[dict[str, Any]], _ModuleFacts]:
+        """User param groups (dicts) and, when ``params`` is an ``nn.Module``, what its modules tell (rules 2, 4)."""
+        facts = _ModuleFacts()
         if isinstance(params, nn.Module):
-            for module in params.modules():
-                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                    embedding_ids.update(id(p) for p in module.parameters(recurse=False))
+            facts = _module_facts(params)
             params = params.named_parameters()
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, or an nn.Module; "
@@ -371,14 +495,26 @@ class MuonAdamW(EmergingOptimizer):
         if not items:
             raise ValueError("MuonAdamW got an empty parameter list.")
         if not isinstance(items[0], dict):
-            return [{"params": items}], embedding_ids
+            return [{"params": items}], facts
         if not all(isinstance(g, dict) for g in items):
             raise TypeError("params mixes param groups (dicts) with tensors; put every tensor in a group.")
-        return [dict(g) for g in items], embedding_ids
+        return [dict(g) for g in items], facts
 
     def _decide(self, name: str | None, p: torch.Tensor, where: str) -> SideT:
         if self._route is None:
-            side, reason = _route_with_reason(name or "", p, id(p) in self._embedding_ids)
+            # self._embedding_ids holds the _ModuleFacts of _user_groups (set by the constructor).
+            side, reason = _route_with_reason(name or "", p, self._embedding_ids)  # type: ignore[arg-type]
+            if reason == _UNNAMED and not getattr(self, "_warned_unnamed", False):
+                self._warned_unnamed = True
+                warnings.warn(
+                    f"MuonAdamW: a {tuple(p.shape)} parameter in {where} (and maybe others) has no name, so the "
+                    "routing rule cannot tell a hidden matrix from an embedding or output head; unnamed matrices go "
+                    "to the AdamW side. Pass the model itself, MuonAdamW(model), or model.named_parameters() to "
+                    "train hidden matrices on the matrix side (or pin groups with side='matrix' / 'adamw', or pass "
+                    "route=).",
+                    UserWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
         else:
             side, reason = self._route(name or "", p), "route()"  # type: ignore[assignment]
             if side not in SIDES:
