@@ -148,7 +148,10 @@ def test_fast_methods_equal_plain(name: str) -> None:
     """Blocked symmetric products (m >= 384) and the Gram form against the plain float32 iteration.
 
     Both are float32 evaluations of the same polynomial; their difference is rounding, bounded by the plain
-    iteration's own distance to float64 (measured: within 3x of it on low-rank and Gaussian inputs).
+    iteration's own distance to float64: measured within 3x of it for every set but cubic5, 3.3-5.0x for cubic5
+    (12 inputs). cubic5 was within 3.5x while the norm was a float32 sum; the float64 norm (overflow-safe)
+    halved the plain form's error for cubic5 (1.1e-5 -> 5.3e-6 on the low-rank input) and left the fast forms'
+    own error to float64 unchanged (2.5e-5 -> 2.4e-5), hence the 6x bound.
     """
     gen = torch.Generator().manual_seed(3)
     steps = STEPS[name]
@@ -159,7 +162,7 @@ def test_fast_methods_equal_plain(name: str) -> None:
         plain_err = rel_err(plain, ref)
         for method in ("symmetric", "gram"):
             out = newton_schulz(x, steps, name, method=method)  # type: ignore[arg-type]
-            assert rel_err(out, plain) < 4 * plain_err + 1e-6, (method, rel_err(out, plain), plain_err)
+            assert rel_err(out, plain) < 6 * plain_err + 1e-6, (method, rel_err(out, plain), plain_err)
 
 
 def test_gram_restarts_keep_low_rank_inputs_stable() -> None:
@@ -265,3 +268,37 @@ def test_bad_inputs() -> None:
         newton_schulz(x, 5, eps=0.0)
     with pytest.raises(ValueError, match="transpose"):
         newton_schulz(x, 5, transpose="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["plain", "symmetric", "gram"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 24, 40)])
+def test_huge_and_tiny_inputs_are_normalised_exactly(method: str, shape: tuple[int, ...]) -> None:
+    """Newton-Schulz is scale-invariant: x * s gives the result of x for any s a float32 matrix can hold.
+
+    Before the norm was reduced in float64 and the fast forms pre-scaled x by a power of two, every form
+    failed above ||x|| ~ 1.8e19 (the float32 sum of squares overflowed: plain gave zeros, the symmetric and
+    Gram forms, which form x x^T before scaling, NaN). A power-of-two s is exact, so the results must be
+    bit-identical; other scales change the float64 norm's last float32 bit only (measured < 2e-6).
+    """
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen)
+    want = newton_schulz(x, 5, method=method)
+    for s in (2.0**70, 2.0**100, 2.0**120, 2.0**-20):  # (norms below eps are floored, by design)
+        assert torch.equal(newton_schulz(x * s, 5, method=method), want), s
+    for s in (1e20, 1e30, 1e36, 1e-5):
+        torch.testing.assert_close(newton_schulz(x * s, 5, method=method), want, rtol=0, atol=2e-6)
+
+
+def test_muon_step_with_a_huge_finite_gradient_is_the_normalised_one() -> None:
+    import emerging_optimizers as eo
+
+    gen = torch.Generator().manual_seed(12)
+    g = torch.randn(16, 32, generator=gen)
+    updates = []
+    for scale in (1.0, 2.0**83):  # ~1e25: a power of two, so the update must be bit-identical
+        p = torch.nn.Parameter(torch.zeros(16, 32))
+        opt = eo.Muon([p], lr=1.0, momentum=0.0, weight_decay=0.0)
+        p.grad = g * scale
+        opt.step()
+        updates.append(p.detach().clone())
+    assert torch.isfinite(updates[1]).all() and torch.equal(updates[1], updates[0])

@@ -536,11 +536,11 @@ def distributed_normalize_p2(
 ) -> torch.Tensor:
     """``x`` divided by the Frobenius norm of the whole matrix it is a shard of (squares summed over ``group``).
 
-    Each matrix of a batch ``[..., m, n]`` gets its own norm. The norm is floored at ``eps``, except with
-    ``normalize_in_double``: the squares are then summed in float64 (no float32 underflow for tiny entries)
-    and, as in the reference library, not floored (an all-zero matrix gives NaN).
+    Each matrix of a batch ``[..., m, n]`` gets its own norm, its squares summed in float64 (no overflow for
+    huge entries, no underflow for tiny ones). The norm is floored at ``eps``, except with
+    ``normalize_in_double``: as in the reference library it is then not floored (an all-zero matrix gives NaN).
     """
-    acc = torch.float64 if normalize_in_double else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = torch.float64  # a float32 sum of squares overflows for norms above ~1.8e19
     sq = x.to(acc).square().sum(dim=(-2, -1), keepdim=True)
     _all_reduce_(sq, group)
     norm = sq.sqrt()
@@ -647,16 +647,22 @@ def newton_schulz(
         y = distributed_normalize_p2(y, eps, tp_group, normalize_in_double).to(cdtype)
         scale: torch.Tensor | None = None
     else:
-        norm_dtype = torch.float64 if normalize_in_double else (cdtype if cdtype == torch.float64 else torch.float32)
-        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
-        inv_norm = norm.reciprocal() if normalize_in_double else norm.clamp_min(eps).reciprocal()
+        # The norm is reduced in float64: a float32 sum of squares overflows for ||x|| above ~1.8e19.
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+        if not normalize_in_double:
+            norm = norm.clamp_min(eps)
+        inv_norm = norm.reciprocal()
         scale = None
         if normalize_in_double or cdtype == torch.float16 or stepwise is not None:
             # fp16: normalise first, x x^T could overflow; step functions take the normalised matrix
-            y = (y.to(norm_dtype) * inv_norm).to(cdtype)
+            y = (y.to(torch.float64) * inv_norm).to(cdtype)
         else:
-            y = y.to(cdtype)
-            scale = inv_norm.to(cdtype)
+            # The fast forms fold the scale into x x^T, formed from the unscaled x: first bring ||x|| into
+            # [0.5, 1) by a power of two (exact), so x x^T cannot overflow; the result is unchanged.
+            _, exponent = torch.frexp(norm)
+            exponent = exponent.clamp(-126, 126)  # 2**-e stays a normal number in every compute dtype
+            y = y.to(cdtype) * torch.ldexp(torch.ones_like(norm), -exponent).to(cdtype)
+            scale = torch.ldexp(inv_norm, exponent).to(cdtype)
 
     if stepwise is None and method == "auto":
         # bf16/fp16 products are fast enough that the blocked symmetric ones lose to one plain GEMM (measured).
