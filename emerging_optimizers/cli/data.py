@@ -141,7 +141,8 @@ def load_digits(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, 
     flattened to 64 features; the last 10% of each class is validation."""
     if importlib.util.find_spec("sklearn") is None:
         raise MissingDataError("The data for this task ships with scikit-learn, which is not installed. "
-                               "Install it with:  pip install scikit-learn")
+                               "Install it with:  pip install scikit-learn  (or every CLI dependency: "
+                               'pip install "emerging-optimizers[cli]")')
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()

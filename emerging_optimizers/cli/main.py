@@ -5,12 +5,18 @@
     emopt compare --task vit-mnist5k --optimizers adamw muon:lr=0.02 --seeds 3 --out runs/vit
     emopt bench --optimizers adamw muon          # ms per optimizer step vs torch.optim
 
-Exit status: 0 on success, 1 when a data package is missing, 2 on bad arguments.
+`emopt compare` needs the CLI dependencies (rich, matplotlib, scikit-learn for mlp-digits), which come with
+the `cli` extra: pip install "emerging-optimizers[cli]" (from a checkout: pip install -e ".[cli]").
+`emopt list` and `emopt bench` need only torch and numpy.
+
+Exit status: 0 on success; 1 when a data package or a CLI dependency is missing, or (emopt list) when a module
+of the package failed to import (listed with its family and error after the table); 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -19,7 +25,13 @@ from typing import Any
 from emerging_optimizers.cli import tasks as tasks_mod
 from emerging_optimizers.cli.specs import UsageError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLI_EXTRA_INSTALL"]
+
+#: How to install what ``emopt compare`` needs beyond torch and numpy.
+CLI_EXTRA_INSTALL = ('pip install "emerging-optimizers[cli]"   (from a checkout of the repository: '
+                     'pip install -e ".[cli]")')
+#: Third-party modules each command imports beyond torch and numpy, with their pip distribution names.
+COMMAND_MODULES: dict[str, dict[str, str]] = {"compare": {"rich": "rich", "matplotlib": "matplotlib"}}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -56,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp = sub.add_parser(
         "compare", help="train one model with each optimizer and compare losses, speed and memory",
         description="Train the same model from the same seeds with each optimizer; print a table and write "
-        "results.json, table.csv, table.md and val_loss.png under --out.\n\nTasks:\n" + task_help,
+        "results.json, table.csv, table.md and val_loss.png under --out.\n\n--out must be a new or empty "
+        "directory: a directory holding anything (an earlier run) is refused before training starts, unless "
+        "--overwrite is given.\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
         formatter_class=_Formatter)
     p_cmp.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
     p_cmp.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
@@ -71,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--reference", default=None,
                        help="optimizer whose final validation loss the others must reach (default: adamw if "
                        "compared, else the first)")
-    p_cmp.add_argument("--out", type=Path, default=Path("emopt_out"), help="output directory")
+    p_cmp.add_argument("--out", type=Path, default=Path("emopt_out"),
+                       help="output directory; must be new or empty unless --overwrite is given")
+    p_cmp.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty --out, replacing the results.json, table.csv, table.md and "
+                       "val_loss.png of an earlier run (other files there are left alone)")
     p_cmp.add_argument("--no-progress", action="store_true", help="no live progress bars")
     p_cmp.set_defaults(func=cmd_compare)
 
@@ -119,7 +137,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, family, scope, defaults in rows:
         print(f"{name:<{width}}  {family:<{fw}}  {scope:<11}  {defaults}")
     print(f"\n{len(rows)} optimizers. 'matrices' ones run inside {specs.WHOLE_MODEL} for `emopt compare`.")
-    return 0
+    failed = specs.import_errors()
+    if not failed:
+        return 0
+    # a family that fails to import is shown, never silently left out: its optimizers are missing above
+    print(f"\nFAILED TO IMPORT: {len(failed)} module(s) of the package; their optimizers are missing above:")
+    mw = max(map(len, failed))
+    for module, error in failed.items():
+        print(f"  {specs.family_of_module(module):<{fw}}  {module:<{mw}}  {error}")
+    print(f"emopt list: error: {len(failed)} module(s) failed to import: "
+          + ", ".join(f"{m} ({specs.family_of_module(m)})" for m in failed), file=sys.stderr)
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -149,6 +177,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or task.batch_size
     eval_points = args.eval_points or task.eval_points
     seeds = list(range(args.seeds))
+    out: Path = args.out
+    _check_out_dir(out, args.overwrite)
     console = _console()
     try:
         problem = task.load(batch_size)
@@ -174,7 +204,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if untuned:
         console.print(escape(f"not tuned for {task.name} (optimizer defaults): {', '.join(untuned)}"))
 
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(out / "table.csv", summaries)
     report.write_markdown(out / "table.md", summaries, len(seeds), title)
@@ -199,6 +228,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console.print(escape(f"total {total_s:.0f} s; wrote {out / 'results.json'}, {out / 'table.csv'}, "
                          f"{out / 'table.md'}, {out / 'val_loss.png'}"))
     return 0
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before anything trains, an ``--out`` that is a file, or a directory holding anything without
+    ``--overwrite`` (an earlier run's results are never replaced by accident)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a directory; choose another --out.")
+    if out.is_dir() and not overwrite:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise UsageError(f"--out {str(out)!r} is not empty ({shown}): it holds an earlier run or other files. "
+                             "Choose a new directory, or pass --overwrite to replace the earlier results.")
 
 
 def _train_all(console: Any, problem: Any, task: tasks_mod.Task, spec_list: list[Any], seeds: list[int], steps: int,
@@ -253,6 +295,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _missing_modules(args: argparse.Namespace) -> list[str]:
+    """pip names of the third-party modules ``args.command`` needs (and its task, for compare) that cannot be
+    imported; the core package needs only torch and numpy, the rest comes with the ``cli`` extra."""
+    needed = dict(COMMAND_MODULES.get(args.command, {}))
+    if args.command == "compare":
+        task = tasks_mod.TASKS.get(args.task)  # an unknown task is reported later, as a usage error
+        needed.update(task.requires if task is not None else {})
+    missing = []
+    for module, dist in needed.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``emopt`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -261,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return int(exc.code or 0)
     args.argv = argv
+    missing = _missing_modules(args)
+    if missing:
+        print(f"emopt {args.command}: error: missing dependenc{'ies' if len(missing) > 1 else 'y'} "
+              f"{', '.join(missing)}. emopt's tables, progress bars, plots and data sets come with the CLI "
+              f"extra; install it with:\n    {CLI_EXTRA_INSTALL}", file=sys.stderr)
+        return 1
     try:
         return int(args.func(args))
     except UsageError as exc:

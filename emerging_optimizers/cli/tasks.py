@@ -135,6 +135,8 @@ class Task:
     load: Callable[[int], Problem]
     hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     default_optimizers: tuple[str, ...] = ("adamw", "muon_adamw", "lion")
+    #: third-party modules the task's data needs (module -> pip name), checked before anything runs
+    requires: Mapping[str, str] = field(default_factory=dict)
 
     def schedule(self, steps: int) -> Schedule:
         return Schedule.for_steps(steps)
@@ -224,7 +226,9 @@ mlp-digits: MLP on scikit-learn's bundled `load_digits` (1,797 8x8 images); a qu
   Model: 64 -> 128 -> 128 -> 10, GELU (26k params). Batch: 64. Validation: all 179.
   Schedule: 5% linear warm-up, cosine to 10% of the peak lr. Default 300 steps.
   Tuned lr (sweep: 300 steps, seeds 0-2, mean final validation loss):
-    adamw       lr 1e-3: 0.285   3e-3: 0.248   1e-2: 0.183   3e-2: 0.160*
+    adamw       lr 1e-3: 0.285   3e-3: 0.248   1e-2: 0.183   2e-2: 0.162   3e-2: 0.160*  5e-2: 0.245   1e-1: 0.293
+                2e-1: 1.124 (one seed stuck at 2.30); seeds 0-9: 1e-2: 0.183  2e-2: 0.163  3e-2: 0.158*  4e-2: 0.173
+                5e-2: 0.208 (commands, per-seed values and spreads: docs/sweeps-mlp-adamw.md)
     muon_adamw  lr 1e-3: 0.191   2e-3: 0.174*  5e-3: 0.181   1e-2: 0.337   2e-2: 0.690   4e-2: 2.340
     lion        lr 3e-4: 0.706   1e-3: 0.354   3e-3: 0.343*  1e-2: 0.924
   Later additions (seed 0 only, same settings):
@@ -279,6 +283,7 @@ TASKS: dict[str, Task] = {
         batch_size=64,
         eval_points=10,
         load=_load_mlp,
+        requires={"sklearn": "scikit-learn"},
         hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {"lr": 2e-3}, "lion": {"lr": 3e-3}, "psgd_pro": {"lr": 3e-1},
                  "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1},
                  "soap": {"lr": 1e-2}, "kl_soap": {"lr": 1e-2}, "shampoo": {"lr": 3e-2}, "stacked_soap": {"lr": 1e-2},
