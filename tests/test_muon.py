@@ -396,3 +396,26 @@ def test_one_dimensional_params_point_to_adamw() -> None:
 def test_bad_options(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(TypeError if "use_syrk" in kw else ValueError, match=match):
         Muon([torch.nn.Parameter(torch.randn(4, 3, 2))], **kw)
+
+
+def test_updates_are_applied_bucket_by_bucket(monkeypatch):
+    """Each bucket's updates are applied before the next bucket is orthogonalized (as torch.optim.Muon does),
+    so the step holds one bucket's directions and updates at a time, not the whole group's."""
+    import emerging_optimizers as eo
+    from emerging_optimizers.orthogonalized_optimizers import muon as muon_module
+
+    events: list[tuple[str, tuple[int, ...]]] = []
+    real_ns = muon_module.scaled_newton_schulz
+    monkeypatch.setattr(muon_module, "scaled_newton_schulz",
+                        lambda x, **kw: events.append(("ns", tuple(x.shape[-2:]))) or real_ns(x, **kw))
+    real_apply = eo.Muon._apply_update
+    monkeypatch.setattr(eo.Muon, "_apply_update",
+                        lambda self, p, u, lr: events.append(("apply", tuple(p.shape))) or real_apply(self, p, u, lr))
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((8, 16), (16, 16), (8, 16), (16, 16))]
+    opt = eo.Muon(params, lr=0.02)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert events == [("ns", (8, 16)), ("apply", (8, 16)), ("apply", (8, 16)),
+                      ("ns", (16, 16)), ("apply", (16, 16)), ("apply", (16, 16))]

@@ -151,7 +151,8 @@ class Muown(Muon):
         }
 
     # ------------------------------------------------------------------ step
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _step_bucket(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        # called per bucket of same-shape matrices by OrthogonalizedOptimizer._step_group
         lr, mu = group["lr"], group["momentum"]
         dirs_v, directions = [], []
         for p in params:

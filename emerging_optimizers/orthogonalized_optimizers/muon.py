@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -303,6 +303,13 @@ class Muon(OrthogonalizedOptimizer):
         if type(self).orthogonalize is not Muon.orthogonalize:  # a subclass customises per-param work
             return super()._orthogonalize_params(params, directions, group)
         return self._muon_updates(directions, group)
+
+    def _bucket_key(self, p: torch.Tensor, group: dict[str, Any]) -> Hashable:
+        """The shapes of the param's matrix jobs (stacked matrices and row splits batch across params)."""
+        sd = group["stacked_dims"]
+        inner = math.prod(p.shape[sd + 1 :])
+        shapes = tuple(sorted({(s.stop - s.start, inner) for s in _row_slices(p.shape[sd], group["split_sizes"])}))
+        return (shapes, self.state[p]["momentum_buffer"].dtype, p.device)
 
     def _matrix_jobs(self, directions: list[torch.Tensor], group: dict[str, Any]) -> list[_MatrixJob]:
         """Cut every direction into independent matrix jobs (stack, conv flattening, row splits)."""

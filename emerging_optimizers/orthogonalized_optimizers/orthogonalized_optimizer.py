@@ -30,7 +30,7 @@ e.g. ``torch.float32`` to keep fp32 momentum for bf16 parameters).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, Generic
 
 import torch
@@ -206,11 +206,29 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         self.post_weight_update_fn_inplace(p)
         self.weight_update_hook.post_weight_update_inplace(p, hook_state)
 
+    def _bucket_key(self, p: torch.Tensor, group: dict[str, Any]) -> Hashable:
+        """Params with equal keys are orthogonalized together (one :meth:`_orthogonalize_params` call, where
+        subclasses batch them) and updated as soon as their bucket is done (default: same shape and dtype)."""
+        return (tuple(p.shape), self.state[p]["momentum_buffer"].dtype, p.device)
+
+    def _buckets(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``params`` split by :meth:`_bucket_key`, in order of first appearance."""
+        buckets: dict[Hashable, list[torch.Tensor]] = {}
+        for p in params:
+            buckets.setdefault(self._bucket_key(p, group), []).append(p)
+        return list(buckets.values())
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        directions = [self._momentum_direction(p, group) for p in params]
+        # Bucket by bucket (directions, orthogonalization, update), as torch.optim.Muon applies each update as
+        # it goes: at most one bucket's directions and updates are alive at a time, not the whole group's.
+        for bucket in self._buckets(group, params):
+            self._step_bucket(group, bucket)
+
+    def _step_bucket(self, group: dict[str, Any], bucket: list[torch.Tensor]) -> None:
+        directions = [self._momentum_direction(p, group) for p in bucket]
         with fp32_matmul_precision(group["fp32_matmul_prec"]):
-            updates = self._orthogonalize_params(params, directions, group)
-        for p, u in zip(params, updates):
+            updates = self._orthogonalize_params(bucket, directions, group)
+        for p, u in zip(bucket, updates):
             self._apply_update(p, u, group["lr"])
 
     # ------------------------------------------------------------------ extension points
