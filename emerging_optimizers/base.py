@@ -245,7 +245,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is not None:
                 self._check_grad(p)
-                with_grad.append(p)
+                if p.numel():  # a tensor with no elements has nothing to update (state is still made)
+                    with_grad.append(p)
             elif skip_non_grad_params:
                 continue
             if not self.state[p]:

@@ -377,7 +377,7 @@ def test_bad_inputs_raise_clear_errors():
         MuonAdamW(model.named_parameters(), matrix_kwargs={"ns_steps": 3})
     with pytest.raises(ValueError, match="Invalid num_ns_steps"):
         MuonAdamW(model.named_parameters(), matrix_kwargs={"num_ns_steps": 0})
-    with pytest.raises(ValueError, match=r"Invalid beta at index 1 \(betas\[1\]\)"):
+    with pytest.raises(ValueError, match=r"Invalid adamw_betas\[1\]: 1.5"):  # named as MuonAdamW takes it
         MuonAdamW(model.named_parameters(), adamw_betas=(0.9, 1.5))
     with pytest.raises(ValueError, match=r"Invalid learning rate \(lr\)"):
         MuonAdamW([torch.zeros(3, requires_grad=True)], lr=-1.0)  # checked even with no matrix params

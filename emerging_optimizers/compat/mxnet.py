@@ -18,6 +18,7 @@ momentum == 0 (signSGD, no state)::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,17 +64,24 @@ class Signum(EmergingOptimizer):
                  wd: float = 0.0, rescale_grad: float = 1.0, clip_gradient: float | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         check_nonneg("learning_rate", learning_rate)
-        check_beta("momentum", momentum)
-        check_nonneg("wd_lh", wd_lh)
-        check_nonneg("wd", wd)
-        if not isinstance(rescale_grad, (int, float)) or isinstance(rescale_grad, bool):
-            raise ValueError(f"Invalid rescale_grad: {rescale_grad!r}; it must be a number.")
-        bad_type = not isinstance(clip_gradient, (int, float)) or isinstance(clip_gradient, bool)
-        if clip_gradient is not None and bad_type:
-            raise ValueError(f"Invalid clip_gradient: {clip_gradient!r}; use a number (<= 0 or None: no clipping).")
         defaults = dict(lr=learning_rate, momentum=momentum, wd_lh=wd_lh, wd=wd, rescale_grad=rescale_grad,
                         clip_gradient=clip_gradient)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        self._validate_group(defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)  # validates every group too
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonneg("lr", group["lr"])  # the constructor's learning_rate
+        check_beta("momentum", group["momentum"])
+        check_nonneg("wd_lh", group["wd_lh"])
+        check_nonneg("wd", group["wd"])
+        rescale_grad, clip_gradient = group["rescale_grad"], group["clip_gradient"]
+        if not isinstance(rescale_grad, (int, float)) or isinstance(rescale_grad, bool) \
+                or not math.isfinite(rescale_grad):
+            raise ValueError(f"Invalid rescale_grad: {rescale_grad!r}; it must be a finite number.")
+        bad = not isinstance(clip_gradient, (int, float)) or isinstance(clip_gradient, bool) \
+            or math.isnan(clip_gradient)
+        if clip_gradient is not None and bad:
+            raise ValueError(f"Invalid clip_gradient: {clip_gradient!r}; use a number (<= 0 or None: no clipping).")
 
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"mom": torch.zeros_like(p)} if group["momentum"] > 0 else {}

@@ -41,6 +41,7 @@ Where ours differs from the reference library:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -127,7 +128,8 @@ def _as_matrix(t: torch.Tensor, *, view: bool = False) -> torch.Tensor:
     """An N-D tensor as ``[out, -1]``; ``view=True`` (state updated in place) refuses to copy."""
     if t.dim() == 2:
         return t
-    return t.view(t.shape[0], -1) if view else t.reshape(t.shape[0], -1)
+    cols = math.prod(t.shape[1:])  # not -1: ambiguous for a tensor with no elements
+    return t.view(t.shape[0], cols) if view else t.reshape(t.shape[0], cols)
 
 
 @register_optimizer("moso")

@@ -105,6 +105,7 @@ from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon  # noqa: F401 - registers "muon"
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.scalar_optimizers.adam import AdamW
+from emerging_optimizers.utils import check_betas, check_nonneg
 
 __all__ = ["MuonAdamW", "SideT", "RouteFn", "default_route", "matrix_optimizer_names", "EMBEDDING_NAMES",
            "EMBEDDING_OWNER_NAMES", "HEAD_NAMES", "OUTPUT_OWNER_NAMES", "OUTPUT_SIZE_ATTRS"]
@@ -439,9 +440,18 @@ class MuonAdamW(EmergingOptimizer):
         matrix = self._build(matrix_cls, side_groups("matrix"),
                              dict(_shared_matrix_kwargs(matrix_cls, momentum, weight_decay), lr=lr,
                                   nonfinite=nonfinite, **matrix_kwargs))
-        adamw = self._build(AdamW, side_groups("adamw"),
-                            dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
-                                 fp32_state=fp32_state, nonfinite=nonfinite, **adamw_kwargs))
+        # AdamW names its own arguments (lr, betas, ...); here they are adamw_lr, adamw_betas, ...
+        check_nonneg("adamw_lr", adamw_lr)
+        check_betas("adamw_betas", adamw_betas, 2)
+        check_nonneg("adamw_eps", adamw_eps)
+        check_nonneg("adamw_weight_decay", adamw_weight_decay)
+        try:
+            adamw = self._build(AdamW, side_groups("adamw"),
+                                dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
+                                     fp32_state=fp32_state, nonfinite=nonfinite, **adamw_kwargs))
+        except ValueError as e:  # a group's adamw_-prefixed option (or a pinned adamw group's own)
+            raise ValueError(f"{e} (on the adamw side: MuonAdamW's adamw_lr, adamw_betas, adamw_eps, "
+                             "adamw_weight_decay, or a param group's adamw_-prefixed keys)") from e
         self._inner: dict[str, EmergingOptimizer] = {"matrix": matrix, "adamw": adamw}
         for s in splits:
             self._check_split(s)

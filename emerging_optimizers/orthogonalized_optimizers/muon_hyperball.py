@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from emerging_optimizers.base import NonfiniteT, ParamsT
-from emerging_optimizers.mixin import WeightDecayT
+from emerging_optimizers.mixin import WeightDecayT, decay_factor
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
 from emerging_optimizers.registry import register_optimizer
@@ -125,6 +125,13 @@ class MuonHyperball(Muon):
         if not _is_finite_number(radius) or radius < eps:
             raise ValueError(
                 f"Invalid hyperball_radius: {radius!r}; it must be a finite number >= hyperball_eps ({eps})."
+            )
+        factor = decay_factor(group["weight_decay_method"], group["lr"], group["weight_decay"])
+        if factor <= 0:  # W -> 0 (or -W): the projection back onto the sphere is then undefined
+            raise ValueError(
+                f"Invalid weight_decay: {group['weight_decay']!r} with lr {group['lr']!r} and weight_decay_method "
+                f"{group['weight_decay_method']!r} multiplies the weights by {factor:.4g} <= 0 every step; "
+                "MuonHyperball needs a factor > 0 (e.g. lr * weight_decay < 1)."
             )
 
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:

@@ -43,8 +43,10 @@ def madam_kernel(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq_scaled: t
     scaled = grad * sqrt_scale
     exp_avg_sq_scaled.lerp_(scaled * scaled, 1.0 - beta2)
     # (m / bc1) * sqrt(s) / (sqrt(s * v) / bc2_sqrt): with sqrt(s) a power of two, bit-identical to Adam (eps=0)
+    # No eps: where m or v is exactly 0 (v underflowed, or betas[1] == 0 after a zero gradient) the step is 0,
+    # not m/0 = inf (or 0/0 = NaN).
     update = (exp_avg / bc1 * sqrt_scale) / (exp_avg_sq_scaled.sqrt() / bc2_sqrt)
-    return torch.where(exp_avg == 0, torch.zeros_like(update), update)
+    return torch.where((exp_avg == 0) | (exp_avg_sq_scaled == 0), torch.zeros_like(update), update)
 
 
 def calculate_madam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq_scaled: torch.Tensor,
