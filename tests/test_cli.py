@@ -438,3 +438,13 @@ def test_bench_smoke(capsys):
     for label in ("torch AdamW fused", "torch AdamW foreach", "adamw:fused=False"):
         assert label in out
     assert "x AdamW fused" in out
+
+
+def test_default_out_is_a_fresh_run_directory_each_time(capsys, monkeypatch, tmp_path):
+    """Without --out, running the same command twice (the README's first command) never collides."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, _, _ = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", *TINY)
+        assert code == 0
+    runs = sorted((tmp_path / "emopt_out").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("run-") and (r / "results.json").exists() for r in runs)

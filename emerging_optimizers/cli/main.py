@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp = sub.add_parser(
         "compare", help="train one model with each optimizer and compare losses, speed and memory",
         description="Train the same model from the same seeds with each optimizer; print a table and write "
-        "results.json, table.csv, table.md and val_loss.png under --out.\n\n--out must be a new or empty "
-        "directory: a directory holding anything (an earlier run) is refused before training starts, unless "
-        "--overwrite is given.\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
+        "results.json, table.csv, table.md and val_loss.png under --out.\n\nWithout --out every run gets a fresh "
+        "emopt_out/run-YYYYmmdd-HHMMSS. A given --out must be a new or empty directory: a directory holding "
+        "anything (an earlier run) is refused before training starts, unless --overwrite is given.\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
         formatter_class=_Formatter)
     p_cmp.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
     p_cmp.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--reference", default=None,
                        help="optimizer whose final validation loss the others must reach (default: adamw if "
                        "compared, else the first)")
-    p_cmp.add_argument("--out", type=Path, default=Path("emopt_out"),
-                       help="output directory; must be new or empty unless --overwrite is given")
+    p_cmp.add_argument("--out", type=Path, default=None,
+                       help="output directory; must be new or empty unless --overwrite is given (default: a fresh "
+                       "emopt_out/run-YYYYmmdd-HHMMSS for every run)")
     p_cmp.add_argument("--overwrite", action="store_true",
                        help="write into a non-empty --out, replacing the results.json, table.csv, table.md and "
                        "val_loss.png of an earlier run (other files there are left alone)")
@@ -177,7 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or task.batch_size
     eval_points = args.eval_points or task.eval_points
     seeds = list(range(args.seeds))
-    out: Path = args.out
+    out: Path = args.out if args.out is not None else _fresh_run_dir(Path("emopt_out"))
     _check_out_dir(out, args.overwrite)
     console = _console()
     try:
@@ -228,6 +229,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console.print(escape(f"total {total_s:.0f} s; wrote {out / 'results.json'}, {out / 'table.csv'}, "
                          f"{out / 'table.md'}, {out / 'val_loss.png'}"))
     return 0
+
+
+def _fresh_run_dir(root: Path) -> Path:
+    """``root/run-<UTC timestamp>`` (``-2``, ``-3``, ... if taken): a new directory for every default run."""
+    import time
+
+    base = root / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
