@@ -326,7 +326,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"{name}.load_state_dict: the state dict has {len(saved_groups)} param groups, "
-                f"this optimizer has {len(self.param_groups)}."
+                f"this optimizer has {len(self.param_groups)}; it was probably saved by a different optimizer or "
+                "for other param groups."
             )
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             foreign = sorted(k for k in saved if k not in group and k not in _SCHEDULER_GROUP_KEYS and k != "params")

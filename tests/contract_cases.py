@@ -59,6 +59,16 @@ CASES: list[Case] = [
 ]
 
 
+def _on_their_spheres(params: Any) -> list[dict[str, Any]]:
+    """One group per matrix with ``hyperball_radius`` = its norm (groups given as dicts: per param of each)."""
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [p],
+             "hyperball_radius": float(torch.linalg.vector_norm(p.detach().double()))}
+            for g in groups for p in g["params"]]
+
+
 def _matrix(name: str, lr: float, state_in_param_dtype: bool = True, **kw: Any) -> Case:
     """An orthogonalized optimizer: 2-D params only (the whole-model optimizer takes the rest)."""
     cls = eo.get_optimizer_cls(name)
@@ -80,6 +90,9 @@ CASES += [
     _matrix("adaptive_muon", 0.02, moment2_method="normuon"),
     _matrix("adaptive_muon", 0.02, moment2_method="namo"),
     _matrix("muown", 0.02, state_in_param_dtype=False),  # Muown keeps its factorized state in float32
+    # MuonHyperball keeps each matrix on a sphere: one group per matrix, radius = its norm when built
+    Case("muon_hyperball", lambda params, **o: eo.get_optimizer_cls("muon_hyperball")(
+        _on_their_spheres(params), **{"hyperball_radius": 1.0, **o}), 0.05, matrix_only=True),
 ]
 
 def _by_shape(name: str, p: torch.Tensor) -> str:

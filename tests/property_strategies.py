@@ -103,10 +103,10 @@ def _choices_of(cls: type) -> dict[str, tuple[Any, ...]]:
 def _spec(name: str) -> Spec:
     cls = registry.get_optimizer_cls(name)
     rows = [c for c in CASES if c.id == name]
-    if rows:
-        build = rows[0].build
-    elif name in EXTRA_ROWS:
+    if name in EXTRA_ROWS:  # this file's own way to build it (e.g. MuonHyperball on unit spheres)
         build = EXTRA_ROWS[name]
+    elif rows:
+        build = rows[0].build
     else:  # a newly registered optimizer without a contract row: its defaults
         build = lambda params, cls=cls, **o: cls(params, **o)  # noqa: E731
     return Spec(name, cls, build, bool(getattr(cls, "matrix_only", False)), _hparams_of(cls), _choices_of(cls),

@@ -280,13 +280,13 @@ def test_load_state_dict_rejects_mismatch_and_changes_nothing(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_sparse_and_complex_grads_rejected(case):
-    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p = torch.nn.Parameter(torch.ones(4, 3))  # not zeros: MuonHyperball refuses a matrix of norm 0
     opt = build(case, [p])
     p.grad = torch.zeros(4, 3).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
     # Complex parameters: refused at construction (earliest) or, at the latest, at the first step.
-    q = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.complex64))
+    q = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex"):
         opt = build(case, [q])
         q.grad = torch.zeros(4, 3, dtype=torch.complex64)

@@ -1,7 +1,7 @@
 """The non-finite gradient policy (``nonfinite="skip" | "raise" | "off"``) of every optimizer.
 
 Every case of contract_cases.CASES (every registered optimizer, several configurations) x every kind of bad
-gradient (NaN, +Inf, -Inf in one element of one tensor; NaN in every tensor):
+gradient (NaN, +Inf, -Inf; in one element of one tensor, or in every tensor):
 
 * ``"skip"``: parameters and the whole optimizer state are bit-identical to before the bad step, the
   counter is incremented (and saved in ``state_dict``), a warning names the parameter, and training goes on
@@ -30,7 +30,7 @@ from emerging_optimizers.base import NonFiniteGradientError
 from emerging_optimizers.utils.nonfinite import nonfinite_flag
 
 IDS = [c.id for c in CASES]
-BAD_KINDS = ["nan-one", "inf-one", "neginf-one", "nan-all"]
+BAD_KINDS = [f"{value}-{where}" for value in ("nan", "inf", "neginf") for where in ("one", "all")]
 
 
 def make_model(case: Case) -> torch.nn.Module:

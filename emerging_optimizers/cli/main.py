@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the same model from the same seeds with each optimizer; print a table and write "
         "results.json, table.csv, table.md and val_loss.png under --out.\n\nWithout --out every run gets a fresh "
         "emopt_out/run-YYYYmmdd-HHMMSS. A given --out must be a new or empty directory: a directory holding "
-        "anything (an earlier run) is refused before training starts, unless --overwrite is given.\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
+        "anything (an earlier run) is refused before training starts, unless --overwrite is given."
+        "\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
         formatter_class=_Formatter)
     p_cmp.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
     p_cmp.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
