@@ -371,3 +371,9 @@ def test_huge_finite_gradients_are_not_skipped():
         warnings.simplefilter("error", RuntimeWarning)
         opt.step()
     assert opt.nonfinite_skipped == 0 and torch.equal(p.detach(), torch.tensor([0.9, 1.1, 0.9]))
+
+
+def test_the_cases_cover_every_registered_optimizer():
+    """So "every optimizer" above means every registered one: a new optimizer needs a contract_cases row."""
+    covered = {c.id.split("-")[0] for c in CASES}
+    assert set(eo.registry.get_optimizer_name_list()) <= covered
