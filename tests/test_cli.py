@@ -448,3 +448,268 @@ def test_default_out_is_a_fresh_run_directory_each_time(capsys, monkeypatch, tmp
         assert code == 0
     runs = sorted((tmp_path / "emopt_out").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("run-") and (r / "results.json").exists() for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------- torch.optim baselines
+def _torch_muon_parts(opt):
+    from emerging_optimizers.cli import baselines
+
+    assert isinstance(opt, baselines.TorchMuonAdamW)
+    assert isinstance(opt.muon, torch.optim.Muon) and isinstance(opt.adamw, torch.optim.AdamW)
+    return opt.muon, opt.adamw
+
+
+def test_torch_baselines_run_in_compare(capsys, tmp_path):
+    code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", "torch_muon",
+                          "torch_adamw", "--out", str(tmp_path), *TINY)
+    assert code == 0, err
+    res = _check_outputs(tmp_path, ["adamw", "torch_muon", "torch_adamw"], "mlp-digits", 4)
+    summary = {s["label"]: s for s in res["summary"]}
+    assert summary["torch_muon"]["family"] == summary["torch_adamw"]["family"] == "torch.optim"
+    assert summary["torch_muon"]["lr"] == 0.04  # the lr column is Muon's lr (the recipe's)
+    assert summary["torch_adamw"]["lr"] == tasks.get_task("mlp-digits").tuned("adamw")["lr"]
+    assert summary["torch_muon"]["state_bytes"] > 0
+    (run,) = res["runs"]["torch_muon"]
+    assert run["kwargs"]["adjust_lr_fn"] == repr("original") and run["kwargs"]["adamw_lr"] == repr(4e-3)
+    assert "torch.optim" in out and "torch_muon (the Muon recipe's values)" in out
+
+
+def test_torch_muon_recipe_and_baselines_documented(capsys):
+    from emerging_optimizers.cli import baselines
+
+    assert baselines.TORCH_MUON_RECIPE == {"lr": 0.04, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1,
+                                           "adjust_lr_fn": "original", "adamw_lr": 4e-3, "adamw_betas": (0.9, 0.95),
+                                           "adamw_weight_decay": 0.0}
+    code, out, _ = _run(capsys, "list")
+    assert code == 0
+    lines = out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("baselines (torch.optim)"))
+    below = {ln.split()[0]: ln.split() for ln in lines[head + 1:] if ln.strip() and not ln.startswith(" ")}
+    assert below["torch_muon"][1] == below["torch_adamw"][1] == "torch.optim"
+    assert "lr=0.04" in " ".join(below["torch_muon"]) and "adamw_lr=0.004" in " ".join(below["torch_muon"])
+    code, out, _ = _run(capsys, "compare", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "torch_muon" in text and "torch_adamw" in text and "adjust_lr_fn='original'" in text
+
+
+def test_torch_muon_wrapper_shares_param_group_dicts_and_the_schedule_reaches_muon(monkeypatch):
+    specs.load_registry()
+    task = tasks.get_task("mlp-digits")
+    problem = task.load(8)
+    (spec,) = specs.parse_specs(["torch_muon"])
+    opt, _ = specs.build_optimizer(spec, problem.make_model(), {})
+    muon, adamw = _torch_muon_parts(opt)
+    assert len(opt.param_groups) == len(muon.param_groups) + len(adamw.param_groups)
+    for mine, theirs in zip(opt.param_groups, muon.param_groups + adamw.param_groups):
+        assert mine is theirs  # the same dict objects, Muon's first
+    opt.param_groups[0]["lr"] = 0.123
+    opt.param_groups[-1]["lr"] = 0.456
+    assert muon.param_groups[0]["lr"] == 0.123 and adamw.param_groups[-1]["lr"] == 0.456
+
+    # through compare's training loop: the lr every inner step sees follows the schedule
+    seen: dict[str, list[float]] = {"muon": [], "adamw": []}
+    for key, cls in (("muon", torch.optim.Muon), ("adamw", torch.optim.AdamW)):
+        real = cls.step
+
+        def spy(self, *args, real=real, key=key, **kwargs):
+            seen[key].append(self.param_groups[0]["lr"])
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", spy)
+    schedule = task.schedule(4)
+    run = train_run(problem, spec, {}, 0, 4, schedule, 2)
+    assert not run.diverged and run.lr == 0.04
+    assert seen["muon"] == pytest.approx([0.04 * schedule(t) for t in range(4)])
+    assert seen["adamw"] == pytest.approx([4e-3 * schedule(t) for t in range(4)])
+    assert len(set(seen["muon"])) > 1  # the lr of torch.optim.Muon's group did change
+    monkeypatch.undo()
+
+    # step / zero_grad / state / state_dict cover both inner optimizers
+    model = problem.make_model()
+    opt, _ = specs.build_optimizer(spec, model, {})
+    muon, adamw = _torch_muon_parts(opt)
+    problem.loss(model, problem.sample_batch(torch.Generator().manual_seed(0))).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # every parameter moved
+    assert len(opt.state) == sum(1 for _ in model.parameters()) == len(muon.state) + len(adamw.state)
+    assert state_bytes(opt) == state_bytes(muon) + state_bytes(adamw) > 0
+    sd = opt.state_dict()
+    assert set(sd) == {"muon", "adamw"} and sd["muon"]["state"] and sd["adamw"]["state"]
+    opt.load_state_dict(sd)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_torch_muon_split_equals_muon_adamw():
+    from emerging_optimizers.cli import baselines, models
+    from emerging_optimizers.orthogonalized_optimizers.muon_adamw import MuonAdamW
+
+    specs.load_registry()
+    (spec,) = specs.parse_specs(["torch_muon"])
+    for model in (models.MLP(64), models.VisionTransformer(), models.CharTransformer(80, context=64)):
+        opt, _ = specs.build_optimizer(spec, model, {})
+        muon, adamw = _torch_muon_parts(opt)
+        torch_sides = ({id(p) for g in muon.param_groups for p in g["params"]},
+                       {id(p) for g in adamw.param_groups for p in g["params"]})
+        for ours in (MuonAdamW(model), MuonAdamW(model.named_parameters())):  # module form, and compare's form
+            sides = tuple({id(p) for g in ours.param_groups if g["side"] == side for p in g["params"]}
+                          for side in ("matrix", "adamw"))
+            assert torch_sides == sides, type(model).__name__
+        assert torch_sides[0] and torch_sides[1]
+        matrix, rest = baselines.muon_split(model)
+        assert {id(p) for _, p in matrix} == torch_sides[0] and {id(p) for _, p in rest} == torch_sides[1]
+
+
+def test_torch_baseline_overrides_reach_the_right_inner_optimizer():
+    specs.load_registry()
+    model = tasks.get_task("mlp-digits").load(8).make_model()
+    (spec,) = specs.parse_specs(["torch_muon:lr=0.02,adamw_lr=3e-3,nesterov=false,weight_decay=0.05,"
+                                 "adjust_lr_fn=match_rms_adamw,adamw_weight_decay=0.01,adamw_betas=(0.8,0.9),"
+                                 "momentum=0.9"])
+    opt, kwargs = specs.build_optimizer(spec, model, {})
+    muon, adamw = _torch_muon_parts(opt)
+    m, a = muon.param_groups[0], adamw.param_groups[0]
+    assert (m["lr"], m["nesterov"], m["weight_decay"], m["adjust_lr_fn"], m["momentum"]) == \
+        (0.02, False, 0.05, "match_rms_adamw", 0.9)
+    assert (a["lr"], a["weight_decay"], a["betas"]) == (3e-3, 0.01, (0.8, 0.9))
+    assert kwargs["lr"] == 0.02 and kwargs["adamw_lr"] == 3e-3
+    # defaults: the recipe; a task's tuned values (a sweep's result) come between the recipe and the overrides
+    (plain,) = specs.parse_specs(["torch_muon"])
+    opt, _ = specs.build_optimizer(plain, model, {"lr": 0.03})
+    muon, adamw = _torch_muon_parts(opt)
+    m, a = muon.param_groups[0], adamw.param_groups[0]
+    assert (m["lr"], m["momentum"], m["nesterov"], m["weight_decay"], m["adjust_lr_fn"]) == \
+        (0.03, 0.95, True, 0.1, "original")
+    assert (a["lr"], a["betas"], a["weight_decay"]) == (4e-3, (0.9, 0.95), 0.0)
+    # torch_adamw: torch.optim.AdamW, the task's tuned adamw lr unless overridden
+    task = tasks.get_task("mlp-digits")
+    assert task.tuned("torch_adamw") == {"lr": task.tuned("adamw")["lr"]}
+    assert "torch_muon" not in task.hparams or task.tuned("torch_muon") == dict(task.hparams["torch_muon"])
+    (spec,) = specs.parse_specs(["torch_adamw:weight_decay=0.0,betas=(0.9,0.95)"])
+    opt, _ = specs.build_optimizer(spec, model, task.tuned("torch_adamw"))
+    assert type(opt) is torch.optim.AdamW
+    g = opt.param_groups[0]
+    assert (g["lr"], g["weight_decay"], g["betas"], g["fused"]) == (task.tuned("adamw")["lr"], 0.0, (0.9, 0.95), None)
+
+
+@pytest.mark.parametrize("token, expected", [
+    ("torch_muon:foo=1", ["Bad override foo", "valid keys: lr,", "adamw_lr", "adjust_lr_fn", "adamw_betas"]),
+    ("torch_muon:adamw_foo=1", ["Bad override adamw_foo", "valid keys"]),
+    ("torch_adamw:adamw_lr=1e-3", ["Bad override adamw_lr", "valid keys: lr, betas"]),
+    ("torch_muon:adjust_lr_fn=bogus", ["Cannot build optimizer 'torch_muon:adjust_lr_fn=bogus'", "bogus"]),
+    ("torch_sgd", ["Unknown optimizer 'torch_sgd'", "torch_muon, torch_adamw"]),
+])
+def test_torch_baseline_bad_overrides_are_refused(capsys, tmp_path, token, expected):
+    code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", token,
+                          "--out", str(tmp_path), *TINY)
+    assert code == 2
+    for text in expected:
+        assert text in err
+    assert "seed 0" not in out and not (tmp_path / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+SWEEP_TINY = ["--task", "mlp-digits", "--seeds", "1", "--steps", "4", "--eval-points", "2", "--batch-size", "8",
+              "--no-progress"]
+
+
+def _sweep_rows(out_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(out_dir / "sweep.csv")))
+
+
+def test_sweep_tiny_writes_csv_json_and_plot(capsys, tmp_path):
+    out_dir = tmp_path / "sw"
+    code, out, err = _run(capsys, "sweep", "--optimizers", "adamw", "torch_muon", "--lrs", "2", "0.5",
+                          "--out", str(out_dir), *SWEEP_TINY)
+    assert code == 0, err
+    assert report.environment(1)["cpu"] in out  # the CPU model is printed
+    for col in ("optimizer", "lr", "val loss", "diverged", "best"):
+        assert col in out
+    rows = _sweep_rows(out_dir)
+    assert [(r["optimizer"], float(r["multiplier"])) for r in rows] == \
+        [("adamw", 0.5), ("adamw", 2.0), ("torch_muon", 0.5), ("torch_muon", 2.0)]  # ascending lr
+    base = tasks.get_task("mlp-digits").tuned("adamw")["lr"]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([base * 0.5, base * 2, 0.04 * 0.5, 0.04 * 2])
+    for r in rows:
+        assert r["seeds"] == "1" and r["diverged_seeds"] == "0" and math.isfinite(float(r["val_loss_mean"]))
+    for label in ("adamw", "torch_muon"):
+        assert sum(int(r["best"]) for r in rows if r["optimizer"] == label) == 1
+    res = json.load(open(out_dir / "results.json"))
+    assert res["settings"]["lrs"] == [0.5, 2.0] and res["settings"]["absolute"] is False
+    assert res["settings"]["steps"] == 4 and res["environment"]["cpu"]
+    assert [o["label"] for o in res["optimizers"]] == ["adamw", "torch_muon"]
+    assert res["optimizers"][1]["base_lrs"] == {"lr": 0.04, "adamw_lr": 4e-3}
+    assert res["optimizers"][1]["family"] == "torch.optim"
+    assert len(res["points"]) == 4
+    for p in res["points"]:
+        (run,) = p["runs"]
+        assert run["seed"] == 0 and len(run["train_loss"]) == 4 and run["eval_step"] == eval_steps(4, 2)
+        assert p["val_loss_mean"] == pytest.approx(run["metrics"]["val_loss"][-1])
+    img = _decode_png(out_dir / "lr_sensitivity.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img[..., :3].std() > 0.01
+
+
+def test_sweep_scales_both_lrs_and_absolute_keeps_the_ratio(capsys, tmp_path):
+    from emerging_optimizers.cli import sweep as sweep_mod
+
+    specs.load_registry()
+    task = tasks.get_task("mlp-digits")
+    ma_lr = task.tuned("muon_adamw")["lr"]
+    ma_adamw = specs.default_kwargs(registry.get_optimizer_cls("muon_adamw"))["adamw_lr"]
+    spec_list = specs.parse_specs(["adamw:lr=0.01", "muon_adamw", "torch_muon"])
+    (a, m, t) = sweep_mod.plan(spec_list, task, [2.0, 0.5], absolute=False)
+    assert [pt.lrs for pt in a.points] == [{"lr": pytest.approx(0.005)}, {"lr": pytest.approx(0.02)}]
+    assert [pt.multiplier for pt in m.points] == [0.5, 2.0]
+    assert m.points[0].lrs == {"lr": pytest.approx(ma_lr / 2), "adamw_lr": pytest.approx(ma_adamw / 2)}
+    assert t.points[1].lrs == {"lr": pytest.approx(0.08), "adamw_lr": pytest.approx(8e-3)}
+    assert t.points[1].spec.overrides == t.points[1].lrs and t.points[1].spec.name == "torch_muon"
+    (a, t) = sweep_mod.plan(specs.parse_specs(["adamw", "torch_muon"]), task, [0.01, 0.02], absolute=True)
+    assert [pt.lr for pt in a.points] == [0.01, 0.02]
+    assert [pt.multiplier for pt in a.points] == pytest.approx([0.01 / task.tuned("adamw")["lr"],
+                                                                0.02 / task.tuned("adamw")["lr"]])
+    assert t.points[0].lrs == {"lr": 0.01, "adamw_lr": pytest.approx(1e-3)}  # Muon's lr given, AdamW's at the ratio
+
+    # end to end: what each run was built with
+    out_dir = tmp_path / "rel"
+    code, _, err = _run(capsys, "sweep", "--optimizers", "muon_adamw", "torch_muon", "--lrs", "0.5", "2",
+                        "--out", str(out_dir), *SWEEP_TINY)
+    assert code == 0, err
+    res = json.load(open(out_dir / "results.json"))
+    built = {(p["optimizer"], p["multiplier"]): p["runs"][0]["kwargs"] for p in res["points"]}
+    assert float(built["muon_adamw", 2.0]["lr"]) == pytest.approx(2 * ma_lr)
+    assert float(built["muon_adamw", 2.0]["adamw_lr"]) == pytest.approx(2 * ma_adamw)
+    assert float(built["torch_muon", 0.5]["lr"]) == pytest.approx(0.02)
+    assert float(built["torch_muon", 0.5]["adamw_lr"]) == pytest.approx(2e-3)
+    rows = _sweep_rows(out_dir)
+    assert [float(r["adamw_lr"]) for r in rows] == pytest.approx([ma_adamw / 2, ma_adamw * 2, 2e-3, 8e-3])
+
+    out_dir = tmp_path / "abs"
+    code, _, err = _run(capsys, "sweep", "--optimizers", "adamw", "--absolute", "--lrs", "0.01", "0.03",
+                        "--out", str(out_dir), *SWEEP_TINY)
+    assert code == 0, err
+    rows = _sweep_rows(out_dir)
+    assert [float(r["lr"]) for r in rows] == [0.01, 0.03]
+    res = json.load(open(out_dir / "results.json"))
+    assert res["settings"]["absolute"] is True
+    assert [float(p["runs"][0]["kwargs"]["lr"]) for p in res["points"]] == [0.01, 0.03]
+
+
+def test_sweep_out_policy_and_help(capsys, tmp_path, monkeypatch):
+    argv = ["sweep", "--optimizers", "adamw", "--lrs", "1", *SWEEP_TINY]
+    out_dir = tmp_path / "o"
+    assert _run(capsys, *argv, "--out", str(out_dir))[0] == 0
+    code, out, err = _run(capsys, *argv, "--out", str(out_dir))
+    assert code == 2 and "not empty" in err and "--overwrite" in err and "seed 0" not in out
+    assert _run(capsys, *argv, "--out", str(out_dir), "--overwrite")[0] == 0
+    monkeypatch.chdir(tmp_path)
+    assert _run(capsys, *argv)[0] == 0
+    (run_dir,) = (tmp_path / "emopt_out").iterdir()
+    assert run_dir.name.startswith("sweep-") and (run_dir / "sweep.csv").exists()
+    code, out, _ = _run(capsys, "sweep", "--optimizers", "adamw", "--lrs", "-1")
+    assert code == 2
+    code, out, _ = _run(capsys, "sweep", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "usage: emopt sweep" in out
+    assert "MULTIPLIERS" in text and "--absolute" in text and "BOTH scaled" in text and "adamw_lr" in text
+    assert "sweep-YYYYmmdd-HHMMSS" in text and "torch_muon" in text

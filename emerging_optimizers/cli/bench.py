@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     names = specs.load_registry()
     tokens = args.optimizers or [n for n in ("adamw", "muon", specs.WHOLE_MODEL) if n in names]
     spec_list = specs.parse_specs(tokens)
+    for s in spec_list:
+        if specs.is_baseline(s.name):
+            raise specs.UsageError(f"{s.label!r} is a torch.optim baseline of `emopt compare`; `emopt bench` times "
+                                   "torch.optim.AdamW and torch.optim.Muon itself (unless --no-torch): give our "
+                                   "optimizers only.")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -1,12 +1,14 @@
-"""emopt: list the optimizers, compare them on real data, time their steps.
+"""emopt: list the optimizers, compare them on real data, sweep their learning rates, time their steps.
 
     emopt list                                   # every registered optimizer, its family and defaults
     emopt compare                                # AdamW vs Muon (whole model) vs Lion on Shakespeare, ~2 min
     emopt compare --task vit-mnist5k --optimizers adamw muon:lr=0.02 --seeds 3 --out runs/vit
+    emopt compare --task mlp-digits --optimizers muon_adamw torch_muon torch_adamw   # vs torch.optim baselines
+    emopt sweep --task mlp-digits --optimizers adamw torch_muon muon_adamw --lrs 0.25 0.5 1 2 4 --seeds 3
     emopt bench --optimizers adamw muon          # ms per optimizer step vs torch.optim
 
-`emopt compare` needs the CLI dependencies (rich, matplotlib, scikit-learn for mlp-digits), which come with
-the `cli` extra: pip install "emerging-optimizers[cli]" (from a checkout: pip install -e ".[cli]").
+`emopt compare` and `emopt sweep` need the CLI dependencies (rich, matplotlib, scikit-learn for mlp-digits),
+which come with the `cli` extra: pip install "emerging-optimizers[cli]" (from a checkout: pip install -e ".[cli]").
 `emopt list` and `emopt bench` need only torch and numpy.
 
 Exit status: 0 on success; 1 when a data package or a CLI dependency is missing, or (emopt list) when a module
@@ -31,7 +33,10 @@ __all__ = ["main", "build_parser", "CLI_EXTRA_INSTALL"]
 CLI_EXTRA_INSTALL = ('pip install "emerging-optimizers[cli]"   (from a checkout of the repository: '
                      'pip install -e ".[cli]")')
 #: Third-party modules each command imports beyond torch and numpy, with their pip distribution names.
-COMMAND_MODULES: dict[str, dict[str, str]] = {"compare": {"rich": "rich", "matplotlib": "matplotlib"}}
+COMMAND_MODULES: dict[str, dict[str, str]] = {"compare": {"rich": "rich", "matplotlib": "matplotlib"},
+                                               "sweep": {"rich": "rich", "matplotlib": "matplotlib"}}
+#: Commands that train on a task (its data packages are checked before anything runs).
+TASK_COMMANDS = ("compare", "sweep")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -42,6 +47,26 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+#: What --help says about the torch.optim baselines (compare and sweep).
+BASELINES_HELP = (
+    "Besides the registered optimizers (`emopt list`), two torch.optim baselines: torch_muon, the Muon recipe "
+    "with torch's optimizers (torch.optim.Muon on the hidden matrices, split as muon_adamw splits them, with "
+    "lr=0.04, momentum=0.95, nesterov=True, weight_decay=0.1, adjust_lr_fn='original'; torch.optim.AdamW on the "
+    "rest with adamw_lr=4e-3, adamw_betas=(0.9, 0.95), adamw_weight_decay=0.0; override any Muon argument by "
+    "its name and any AdamW argument with an adamw_ prefix, e.g. torch_muon:lr=0.02,adamw_lr=3e-3), and "
+    "torch_adamw (torch.optim.AdamW, torch's defaults, the task's tuned adamw lr).")
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +81,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emopt", description=__doc__, formatter_class=_Formatter)
-    sub = parser.add_subparsers(dest="command", metavar="{list,compare,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{list,compare,sweep,bench}")
     sub.required = True
 
     p_list = sub.add_parser("list", help="list every registered optimizer with its family and defaults",
@@ -71,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, table.csv, table.md and val_loss.png under --out.\n\nWithout --out every run gets a fresh "
         "emopt_out/run-YYYYmmdd-HHMMSS. A given --out must be a new or empty directory: a directory holding "
         "anything (an earlier run) is refused before training starts, unless --overwrite is given."
-        "\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n" + task_help,
-        formatter_class=_Formatter)
+        "\n\n" + BASELINES_HELP + "\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n"
+        + task_help, formatter_class=_Formatter)
     p_cmp.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
     p_cmp.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
                        help="optimizers as NAME or NAME:key=value,... e.g. adamw muon:lr=0.02 "
-                       "(default: the task's adamw, muon_adamw, lion; names from `emopt list`)")
+                       "torch_muon:adamw_lr=3e-3 (default: the task's adamw, muon_adamw, lion; names from `emopt "
+                       "list`, including the torch.optim baselines torch_muon and torch_adamw)")
     p_cmp.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the task's)")
     p_cmp.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1) per optimizer")
     p_cmp.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (pinned)")
@@ -94,6 +120,45 @@ def build_parser() -> argparse.ArgumentParser:
                        "val_loss.png of an earlier run (other files there are left alone)")
     p_cmp.add_argument("--no-progress", action="store_true", help="no live progress bars")
     p_cmp.set_defaults(func=cmd_compare)
+
+    p_sweep = sub.add_parser(
+        "sweep", help="learning-rate robustness: final validation loss of each optimizer over a grid of lrs",
+        description="Train each optimizer at each learning rate of a grid, --seeds seeds each, with compare's "
+        "training loop (same model, batches and warm-up + cosine schedule); print a table of the final validation "
+        "loss (mean ± std over seeds, diverged seeds counted) and write sweep.csv, results.json and "
+        "lr_sensitivity.png (final validation loss against the lr, log x axis, one line per optimizer with a "
+        "±std band, its best point starred) under --out: how wide each optimizer's basin is."
+        "\n\nBy default --lrs are MULTIPLIERS of each optimizer's base lr on the task (its tuned lr, else its "
+        "default; an lr= override in the spec replaces it), so one grid serves optimizers whose lrs differ by "
+        "10x. With --absolute they are the lrs themselves. An optimizer with two lrs (muon_adamw and the matrix "
+        "optimizers run inside it: lr and adamw_lr; torch_muon: Muon's lr and AdamW's adamw_lr) has BOTH scaled "
+        "by the multiplier, so their ratio stays as tuned; with --absolute the given value is its lr and adamw_lr "
+        "follows at the tuned ratio."
+        "\n\nWithout --out every sweep gets a fresh emopt_out/sweep-YYYYmmdd-HHMMSS. A given --out must be a new "
+        "or empty directory unless --overwrite is given."
+        "\n\n" + BASELINES_HELP + "\n\nNeeds the CLI dependencies: " + CLI_EXTRA_INSTALL + "\n\nTasks:\n"
+        + task_help, formatter_class=_Formatter)
+    p_sweep.add_argument("--task", default="charlm-shakespeare", help="task name (see above)")
+    p_sweep.add_argument("--optimizers", nargs="+", metavar="SPEC", default=["adamw", "torch_muon", "muon_adamw"],
+                         help="optimizers as NAME or NAME:key=value,... (as for compare)")
+    p_sweep.add_argument("--lrs", nargs="+", type=_positive_float, metavar="X", default=[0.25, 0.5, 1.0, 2.0, 4.0],
+                         help="the lr grid: multipliers of each optimizer's base lr, or lrs with --absolute")
+    p_sweep.add_argument("--absolute", action="store_true",
+                         help="--lrs are learning rates, not multipliers (the same values for every optimizer)")
+    p_sweep.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..N-1) per grid point")
+    p_sweep.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the task's)")
+    p_sweep.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads (pinned)")
+    p_sweep.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the task's)")
+    p_sweep.add_argument("--eval-points", type=_positive_int, default=None,
+                         help="number of validation evaluations after step 0 (default: the task's)")
+    p_sweep.add_argument("--out", type=Path, default=None,
+                         help="output directory; must be new or empty unless --overwrite is given (default: a "
+                         "fresh emopt_out/sweep-YYYYmmdd-HHMMSS for every sweep)")
+    p_sweep.add_argument("--overwrite", action="store_true",
+                         help="write into a non-empty --out, replacing the sweep.csv, results.json and "
+                         "lr_sensitivity.png of an earlier sweep (other files there are left alone)")
+    p_sweep.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    p_sweep.set_defaults(func=cmd_sweep)
 
     p_bench = sub.add_parser(
         "bench", help="time optimizer steps on a GPT-like parameter set against torch.optim",
@@ -139,6 +204,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, family, scope, defaults in rows:
         print(f"{name:<{width}}  {family:<{fw}}  {scope:<11}  {defaults}")
     print(f"\n{len(rows)} optimizers. 'matrices' ones run inside {specs.WHOLE_MODEL} for `emopt compare`.")
+    _list_baselines()
     failed = specs.import_errors()
     if not failed:
         return 0
@@ -150,6 +216,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"emopt list: error: {len(failed)} module(s) failed to import: "
           + ", ".join(f"{m} ({specs.family_of_module(m)})" for m in failed), file=sys.stderr)
     return 1
+
+
+def _list_baselines() -> None:
+    """The torch.optim baselines that `emopt compare` and `emopt sweep` accept besides the registered names."""
+    from emerging_optimizers.cli import baselines
+
+    print("\nbaselines (torch.optim): not registered optimizers; `emopt compare` and `emopt sweep` accept them")
+    bw = max(map(len, baselines.BASELINES))
+    fw = len(baselines.FAMILY)
+    for b in baselines.BASELINES.values():
+        defaults = dict(b.defaults())
+        if b.name == "torch_adamw":
+            defaults["lr"] = "<the task's tuned adamw lr>"
+        else:  # the recipe's values first
+            defaults = {**{k: defaults[k] for k in baselines.TORCH_MUON_RECIPE}, **defaults}
+        text = " ".join(f"{k}={v}" if k == "lr" and isinstance(v, str) and v.startswith("<")
+                        else f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in defaults.items())
+        print(f"{b.name:<{bw}}  {baselines.FAMILY:<{fw}}  {b.scope:<11}  {text}")
+        print(f"{'':<{bw}}  {'':<{fw}}  {'':<11}  ({b.summary})")
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -165,7 +250,6 @@ def _console() -> Any:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from emerging_optimizers import registry
     from emerging_optimizers.cli import report, specs
     from emerging_optimizers.cli.data import MissingDataError
 
@@ -190,7 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # build every optimizer once before training anything, so a bad value fails now and not after minutes
     for s in spec_list:
         specs.build_optimizer(s, problem.make_model(), task.tuned(s.name))
-    families = {s.label: specs.family_of(registry.get_optimizer_cls(s.name)) for s in spec_list}
+    families = {s.label: specs.family_of_name(s.name) for s in spec_list}
 
     console.print(f"[bold]{task.name}[/bold]: {task.summary}; {steps} steps x {len(seeds)} seed(s), batch "
                   f"{batch_size}, {args.threads} thread(s); optimizers: {escape(', '.join(labels))}")
@@ -202,9 +286,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     title = (f"{task.name}: {steps} steps, {len(seeds)} seed(s); reference {reference} (final val loss {target:.4f})"
              if target is not None else f"{task.name}: {steps} steps; reference {reference} diverged")
     console.print(report.rich_table(summaries, len(seeds), escape(title)))
-    untuned = [s.label for s in spec_list if not task.tuned(s.name) and not {"lr", "learning_rate"} & set(s.overrides)]
-    if untuned:
-        console.print(escape(f"not tuned for {task.name} (optimizer defaults): {', '.join(untuned)}"))
+    _print_untuned(console, task, spec_list)
 
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(out / "table.csv", summaries)
@@ -232,11 +314,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fresh_run_dir(root: Path) -> Path:
-    """``root/run-<UTC timestamp>`` (``-2``, ``-3``, ... if taken): a new directory for every default run."""
+def _print_untuned(console: Any, task: tasks_mod.Task, spec_list: list[Any]) -> None:
+    """Name the optimizers that train with values not tuned on ``task`` (and no lr given by the user)."""
+    from rich.markup import escape
+
+    from emerging_optimizers.cli import baselines, specs
+
+    untuned = [s for s in spec_list if not task.tuned(s.name) and not {"lr", "learning_rate"} & set(s.overrides)]
+    ours = [s.label for s in untuned if not specs.is_baseline(s.name)]
+    if ours:
+        console.print(escape(f"not tuned for {task.name} (optimizer defaults): {', '.join(ours)}"))
+    for s in untuned:
+        if specs.is_baseline(s.name):
+            console.print(escape(f"not tuned for {task.name}: {s.label} ({baselines.BASELINES[s.name].untuned_note})"))
+
+
+def _fresh_run_dir(root: Path, prefix: str = "run") -> Path:
+    """``root/<prefix>-<UTC timestamp>`` (``-2``, ``-3``, ... if taken): a new directory for every default run."""
     import time
 
-    base = root / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    base = root / time.strftime(f"{prefix}-%Y%m%d-%H%M%S", time.gmtime())
     out, n = base, 1
     while out.exists():
         n += 1
@@ -302,6 +399,118 @@ def _progress(console: Any, disable: bool) -> Any:
                     TimeElapsedColumn(), console=console, disable=disable)
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+    from rich.markup import escape
+
+    from emerging_optimizers.cli import report, specs
+    from emerging_optimizers.cli import sweep as sweep_mod
+    from emerging_optimizers.cli.data import MissingDataError
+    from emerging_optimizers.cli.train import train_run
+
+    task = tasks_mod.get_task(args.task)
+    spec_list = specs.parse_specs(args.optimizers)
+    plans = sweep_mod.plan(spec_list, task, args.lrs, args.absolute)
+    steps = args.steps or task.steps
+    batch_size = args.batch_size or task.batch_size
+    eval_points = args.eval_points or task.eval_points
+    seeds = list(range(args.seeds))
+    out: Path = args.out if args.out is not None else _fresh_run_dir(Path("emopt_out"), "sweep")
+    _check_out_dir(out, args.overwrite)
+    console = _console()
+    try:
+        problem = task.load(batch_size)
+    except MissingDataError as exc:
+        print(f"emopt sweep: error: {exc}", file=sys.stderr)
+        return 1
+    # build every grid point once before training anything: a bad value fails now, not after minutes
+    for p in plans:
+        for pt in p.points:
+            specs.build_optimizer(pt.spec, problem.make_model(), p.tuned)
+    env = report.environment(args.threads)
+    n_runs = sum(len(p.points) for p in plans) * len(seeds)
+    grid = ("lrs " if args.absolute else "lr multipliers ") + " ".join(f"{v:g}" for v in sorted(set(args.lrs)))
+    console.print(f"[bold]{task.name}[/bold]: {task.summary}; {steps} steps, batch {batch_size}; {grid}; "
+                  f"{len(seeds)} seed(s); {n_runs} runs")
+    console.print(escape(f"CPU: {env['cpu']} ({env['cpu_count']} cores), {args.threads} thread(s); torch "
+                         f"{env['torch']}"))
+    for p in plans:
+        base = ", ".join(f"{k} {v:.3g}" for k, v in p.base.items())
+        origin = "tuned" if p.tuned or {"lr", "learning_rate"} & set(p.spec.overrides) else \
+            "recipe" if p.spec.name == "torch_muon" else "default"
+        console.print(escape(f"  {p.spec.label}: base {base} ({origin})"))
+
+    schedule = task.schedule(steps)
+    t_start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with _progress(console, disable=args.no_progress) as progress:
+            overall = progress.add_task("sweep", total=n_runs, loss=float("nan"), rate=0.0)
+            for p in plans:
+                for pt in p.points:
+                    for seed in seeds:
+                        name = escape(f"{pt.spec.label} seed {seed}")
+                        bar = progress.add_task(name, total=steps, loss=float("nan"), rate=0.0)
+                        t0 = time.perf_counter()
+
+                        def on_step(step: int, loss: float, bar: Any = bar, t0: float = t0) -> None:
+                            rate = step / max(time.perf_counter() - t0, 1e-9)
+                            progress.update(bar, completed=step, loss=loss, rate=rate)
+
+                        pt.runs.append(train_run(problem, pt.spec, p.tuned, seed, steps, schedule, eval_points,
+                                                 on_step))
+                        progress.remove_task(bar)
+                        last = pt.runs[-1].train_loss
+                        progress.update(overall, advance=1, loss=last[-1] if last else float("nan"),
+                                        rate=sum(len(r.train_loss) for p_ in plans for q in p_.points
+                                                 for r in q.runs) / max(time.perf_counter() - t_start, 1e-9))
+                    lrs = ", ".join(f"{k} {v:.3g}" for k, v in pt.lrs.items())
+                    result = sweep_mod.mean_std_text(pt.val_mean, pt.val_std, len(seeds))
+                    console.print(escape(f"{pt.spec.label} ({lrs}): val loss {result}, {pt.diverged}/{len(pt.runs)} "
+                                         f"diverged ({sum(r.train_time_s for r in pt.runs):.1f} s)"))
+    finally:
+        torch.set_num_threads(old_threads)
+    total_s = time.perf_counter() - t_start
+
+    title = (f"{task.name}: final validation loss over {grid}; {steps} steps, {len(seeds)} seed(s); "
+             f"{env['cpu']}, {args.threads} thread(s)")
+    console.print(sweep_mod.rich_table(plans, len(seeds), escape(title)))
+    for p in plans:
+        best = sweep_mod.best_point(p.points)
+        near = sweep_mod.near_best_range(p.points)
+        if best is None:
+            console.print(escape(f"{p.spec.label}: diverged at every lr"))
+            continue
+        keep = f"{1 - sweep_mod.NEAR_BEST:.0%} of its improvement"
+        width = ("" if near is None else f"; only x{near[0]:.3g} keeps {keep}" if near[0] == near[1]
+                 else f"; x{near[0]:.3g} to x{near[1]:.3g} keep {keep} ({near[1] / near[0]:.3g}x wide)")
+        console.print(escape(f"{p.spec.label}: best x{best.multiplier:.3g} (lr {best.lr:.3g}), val loss "
+                             f"{sweep_mod.mean_std_text(best.val_mean, best.val_std, len(seeds))}{width}"))
+    _print_untuned(console, task, spec_list)
+
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_mod.write_csv(out / "sweep.csv", plans)
+    sweep_mod.plot(out / "lr_sensitivity.png", plans, f"{task.name}: final validation loss vs lr ({steps} steps, "
+                   f"{len(seeds)} seed(s), {args.threads} thread(s))", args.absolute)
+    optimizers, points = sweep_mod.points_json(plans)
+    settings = {
+        "command": ["emopt", *(sys.argv[1:] if args.argv is None else args.argv)],
+        "task": task.name, "task_doc": task.doc, "steps": steps, "seeds": seeds, "batch_size": batch_size,
+        "threads": args.threads, "eval_points": eval_points, "lrs": sorted(set(args.lrs)), "absolute": args.absolute,
+        "lr_scaling": "every lr of an optimizer (lr, adamw_lr) scaled by the same factor; with absolute, the "
+                      "given value is the main lr",
+        "schedule": {"kind": "linear warm-up + cosine", "warmup_steps": schedule.warmup_steps,
+                     "final_lr_fraction": schedule.final},
+    }
+    report.write_json(out / "results.json", {"settings": settings, "environment": env, "total_seconds": total_s,
+                                             "optimizers": optimizers, "points": points})
+    console.print(escape(f"total {total_s:.0f} s; wrote {out / 'sweep.csv'}, {out / 'results.json'}, "
+                         f"{out / 'lr_sensitivity.png'}"))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from emerging_optimizers.cli import bench
 
@@ -313,7 +522,7 @@ def _missing_modules(args: argparse.Namespace) -> list[str]:
     """pip names of the third-party modules ``args.command`` needs (and its task, for compare) that cannot be
     imported; the core package needs only torch and numpy, the rest comes with the ``cli`` extra."""
     needed = dict(COMMAND_MODULES.get(args.command, {}))
-    if args.command == "compare":
+    if args.command in TASK_COMMANDS:
         task = tasks_mod.TASKS.get(args.task)  # an unknown task is reported later, as a usage error
         needed.update(task.requires if task is not None else {})
     missing = []

@@ -18,6 +18,10 @@ onto the sphere of radius ``R`` first (:func:`param_groups_for`).
 
 Modules of the package that fail to import are recorded, never skipped silently: :func:`import_errors`
 (``emopt list`` prints them and exits with status 1).
+
+Besides the registered names, the torch.optim baselines of :mod:`emerging_optimizers.cli.baselines`
+(``torch_muon``, ``torch_adamw``) are accepted everywhere a name is, with the same override grammar; their family
+is ``torch.optim`` (:func:`family_of_name`).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ import emerging_optimizers
 from emerging_optimizers import registry
 
 __all__ = ["UsageError", "OptimizerSpec", "parse_specs", "load_registry", "import_errors", "family_of",
-           "family_of_module", "is_whole_model", "resolve", "default_kwargs", "required_kwargs", "param_groups_for",
-           "build_optimizer", "WHOLE_MODEL"]
+           "family_of_module", "family_of_name", "is_baseline", "is_whole_model", "resolve", "default_kwargs",
+           "required_kwargs", "param_groups_for", "build_optimizer", "WHOLE_MODEL"]
 
 #: The registered optimizer that takes a whole model: orthogonalized updates for hidden matrices, AdamW for
 #: the rest; other orthogonalized optimizers run inside it as ``matrix_optimizer``.
@@ -101,6 +105,24 @@ def family_of_module(module: str) -> str:
 def family_of(cls: type) -> str:
     """``scalar_optimizers`` -> ``scalar``, ``orthogonalized_optimizers`` -> ``orthogonalized``, ``compat`` ..."""
     return family_of_module(cls.__module__)
+
+
+def _baselines() -> Any:
+    from emerging_optimizers.cli import baselines  # imports this module: not at the top
+
+    return baselines
+
+
+def is_baseline(name: str) -> bool:
+    """``name`` is a torch.optim baseline (``torch_muon``, ``torch_adamw``), not a registered optimizer."""
+    return _baselines().is_baseline(name)
+
+
+def family_of_name(name: str) -> str:
+    """The family of a registered name (:func:`family_of`), or ``torch.optim`` for a baseline."""
+    if is_baseline(name):
+        return _baselines().FAMILY
+    return family_of(registry.get_optimizer_cls(name))
 
 
 def is_whole_model(name: str) -> bool:
@@ -173,13 +195,14 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def _check_name(name: str, valid: list[str]) -> None:
-    if name not in valid:
+    if name not in valid and not is_baseline(name):
         failed = import_errors()
         note = ""
         if failed:
             note = (f" {len(failed)} module(s) of the package failed to import, so their optimizers are missing: "
                     + "; ".join(f"{m} ({family_of_module(m)}): {e}" for m, e in failed.items()) + ".")
-        raise UsageError(f"Unknown optimizer {name!r}; registered optimizers: {', '.join(valid)}. "
+        raise UsageError(f"Unknown optimizer {name!r}; registered optimizers: {', '.join(valid)}; torch.optim "
+                         f"baselines: {', '.join(_baselines().BASELINES)}. "
                          f"Run `emopt list` for their families and defaults.{note}")
 
 
@@ -217,7 +240,10 @@ def parse_specs(tokens: list[str]) -> list[OptimizerSpec]:
 
 
 def resolve(name: str) -> tuple[str, dict[str, Any]]:
-    """The registry name to build for ``name`` and its fixed kwargs (``matrix_optimizer`` when wrapped)."""
+    """The registry name to build for ``name`` and its fixed kwargs (``matrix_optimizer`` when wrapped); a
+    torch.optim baseline is built as itself."""
+    if is_baseline(name):
+        return name, {}
     cls = registry.get_optimizer_cls(name)
     if not getattr(cls, "matrix_only", False) or is_whole_model(name):
         return name, {}
@@ -242,6 +268,8 @@ def _direct_and_matrix_keys(name: str) -> tuple[list[str], list[str]]:
 
 
 def _valid_keys(name: str) -> list[str]:
+    if is_baseline(name):
+        return _baselines().valid_keys(name)
     direct, matrix = _direct_and_matrix_keys(name)
     return direct + matrix
 
@@ -257,7 +285,9 @@ def _check_keys(name: str, overrides: dict[str, Any], token: str) -> None:
 def constructor_kwargs(spec: OptimizerSpec, tuned: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The registry name to build for ``spec`` and its keyword arguments: the task's ``tuned`` values, then the
     user's overrides; for a matrix optimizer run inside the whole-model one, its own options go into
-    ``matrix_kwargs``."""
+    ``matrix_kwargs``. For a torch.optim baseline: its own name and every value it trains with."""
+    if is_baseline(spec.name):
+        return spec.name, _baselines().resolved_kwargs(spec, tuned)
     built, fixed = resolve(spec.name)
     merged = {**tuned, **spec.overrides}
     _, matrix_keys = _direct_and_matrix_keys(spec.name)
@@ -320,6 +350,8 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module,
     constructor errors become :class:`UsageError` naming the spec (``emopt compare`` builds every optimizer
     before training, so these fail at once).
     """
+    if is_baseline(spec.name):
+        return _baselines().build(spec, model, tuned)
     built, kwargs = constructor_kwargs(spec, tuned)
     params, kwargs = param_groups_for(spec.name, model, kwargs)
     _check_required(spec, built, kwargs)

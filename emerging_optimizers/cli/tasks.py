@@ -8,7 +8,10 @@ the model is initialised from ``torch.manual_seed(seed)``; validation sets are f
 pinned (``--threads``), two runs give bit-identical numbers.
 
 Tuned defaults (``Task.hparams``): only the peak lr was tuned, every other hyperparameter is the
-optimizer's default (weight decay included). Each task's docstring below records the sweep.
+optimizer's default (weight decay included). Each task's docstring below records the sweep. The torch.optim
+baselines (:mod:`emerging_optimizers.cli.baselines`): ``torch_adamw`` uses ``adamw``'s tuned lr; ``torch_muon``
+has not been swept on any task yet and trains with the Muon recipe (``lr=0.04``, ``adamw_lr=4e-3``) until a
+``"torch_muon"`` entry is added to a task's ``hparams``.
 """
 
 from __future__ import annotations
@@ -144,12 +147,17 @@ class Task:
     def tuned(self, name: str) -> dict[str, Any]:
         """Tuned constructor overrides for optimizer ``name`` ({} when it was not tuned on this task).
 
-        ``muon`` run inside ``muon_adamw`` is ``muon_adamw``'s default, so it shares its tuned values.
+        ``muon`` run inside ``muon_adamw`` is ``muon_adamw``'s default, so it shares its tuned values. The
+        torch.optim baselines: ``torch_adamw`` (``torch.optim.AdamW``) takes our ``adamw``'s tuned lr;
+        ``torch_muon`` has no fallback (without a ``hparams["torch_muon"]`` entry, a sweep's result, it trains
+        with the Muon recipe's values: :data:`emerging_optimizers.cli.baselines.TORCH_MUON_RECIPE`).
         """
         if name in self.hparams:
             return dict(self.hparams[name])
         if name == "muon" and "muon_adamw" in self.hparams:
             return dict(self.hparams["muon_adamw"])
+        if name == "torch_adamw" and "lr" in self.hparams.get("adamw", {}):
+            return {"lr": self.hparams["adamw"]["lr"]}
         return {}
 
 
