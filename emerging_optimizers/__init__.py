@@ -20,7 +20,7 @@ from emerging_optimizers import (
 )
 from emerging_optimizers.legacy_soap import MOSO, REKLS, SOAP, StackedSoap
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT
-from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, OrthogonalizedOptimizer
+from emerging_optimizers.orthogonalized_optimizers import Muon, MuonAdamW, NorMuon, OrthogonalizedOptimizer
 from emerging_optimizers.psgd import PSGDPro
 from emerging_optimizers.registry import (
     get_configured_optimizer_cls,
@@ -76,6 +76,7 @@ __all__ = [
     "get_optimizer_name_list",
     "register_optimizer",
     "Muon",
+    "NorMuon",
     "MuonAdamW",
     "OrthogonalizedOptimizer",
     "PSGDPro",

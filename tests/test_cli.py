@@ -387,11 +387,12 @@ def test_matrix_optimizer_options_go_to_matrix_kwargs():
     specs.load_registry()
     if specs.WHOLE_MODEL not in registry.get_optimizer_name_list() or "muon" not in registry.get_optimizer_name_list():
         pytest.skip("muon / muon_adamw not registered")
-    (spec,) = specs.parse_specs(["muon:lr=0.01,nesterov=true,adamw_lr=1e-3"])
+    (spec,) = specs.parse_specs(["muon:lr=0.01,nesterov=true,num_ns_steps=3,adamw_lr=1e-3"])
     built, kwargs = specs.constructor_kwargs(spec, {"lr": 0.05, "momentum": 0.9})
     assert built == specs.WHOLE_MODEL
-    assert kwargs == {"lr": 0.01, "momentum": 0.9, "adamw_lr": 1e-3, "matrix_kwargs": {"nesterov": True},
-                      "matrix_optimizer": "muon"}
+    # nesterov is MuonAdamW's own option (handed to the matrix side); num_ns_steps is Muon's
+    assert kwargs == {"lr": 0.01, "momentum": 0.9, "nesterov": True, "adamw_lr": 1e-3,
+                      "matrix_kwargs": {"num_ns_steps": 3}, "matrix_optimizer": "muon"}
 
 
 def test_crossing_interpolates_between_evaluations():
@@ -655,8 +656,9 @@ def test_sweep_scales_both_lrs_and_absolute_keeps_the_ratio(capsys, tmp_path):
 
     specs.load_registry()
     task = tasks.get_task("mlp-digits")
-    ma_lr = task.tuned("muon_adamw")["lr"]
-    ma_adamw = specs.default_kwargs(registry.get_optimizer_cls("muon_adamw"))["adamw_lr"]
+    ma_defaults = specs.default_kwargs(registry.get_optimizer_cls("muon_adamw"))
+    ma_lr = task.tuned("muon_adamw").get("lr", ma_defaults["lr"])  # the task runs muon_adamw at its defaults
+    ma_adamw = ma_defaults["adamw_lr"]
     spec_list = specs.parse_specs(["adamw:lr=0.01", "muon_adamw", "torch_muon"])
     (a, m, t) = sweep_mod.plan(spec_list, task, [2.0, 0.5], absolute=False)
     assert [pt.lrs for pt in a.points] == [{"lr": pytest.approx(0.005)}, {"lr": pytest.approx(0.02)}]

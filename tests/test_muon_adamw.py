@@ -13,7 +13,6 @@ from torch import nn
 
 import emerging_optimizers.orthogonalized_optimizers  # noqa: F401 - registers the orthogonalized family
 from emerging_optimizers import registry
-from emerging_optimizers.orthogonalized_optimizers.muon import Muon
 from emerging_optimizers.orthogonalized_optimizers.muon_adamw import MuonAdamW, default_route, matrix_optimizer_names
 from emerging_optimizers.scalar_optimizers import AdamW
 
@@ -158,9 +157,10 @@ def test_route_override_and_pinned_groups():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {},
-        dict(lr=0.03, momentum=0.9, weight_decay=0.1, adamw_lr=1e-2, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
-             adamw_weight_decay=0.05, matrix_kwargs=dict(nesterov=True, num_ns_steps=3, scale_mode="shape_scaling"),
+        {},  # the defaults: NorMuon (Nesterov) + AdamW
+        dict(lr=0.03, momentum=0.9, weight_decay=0.1, nesterov=False, adamw_lr=1e-2, adamw_betas=(0.8, 0.99),
+             adamw_eps=1e-6, adamw_weight_decay=0.05, matrix_optimizer="muon",
+             matrix_kwargs=dict(num_ns_steps=3, scale_mode="shape_scaling"),
              adamw_kwargs=dict(nesterov=True, weight_decay_method="l2")),
     ],
 )
@@ -170,8 +170,10 @@ def test_equals_separate_muon_and_adamw(kwargs):
     defaults = {k: p.default for k, p in inspect.signature(MuonAdamW).parameters.items() if k != "params"}
     k = {**defaults, "matrix_kwargs": {}, "adamw_kwargs": {}, **kwargs}
     ref_named = dict(ref.named_parameters())
-    muon = Muon([ref_named[n] for n in MATRIX], lr=k["lr"], momentum=k["momentum"], weight_decay=k["weight_decay"],
-                **k["matrix_kwargs"])
+    matrix_cls = registry.get_optimizer_cls(k["matrix_optimizer"])
+    assert type(opt.matrix_optimizer) is matrix_cls
+    muon = matrix_cls([ref_named[n] for n in MATRIX], lr=k["lr"], momentum=k["momentum"],
+                      weight_decay=k["weight_decay"], nesterov=k["nesterov"], **k["matrix_kwargs"])
     adamw = AdamW([p for n, p in ref_named.items() if n not in MATRIX], lr=k["adamw_lr"], betas=k["adamw_betas"],
                   eps=k["adamw_eps"], weight_decay=k["adamw_weight_decay"], **k["adamw_kwargs"])
     assert train(model, [opt], 5) == train(ref, [muon, adamw], 5)
@@ -201,8 +203,9 @@ def test_every_matrix_optimizer_runs_inside():
         assert type(opt.matrix_optimizer) is registry.get_optimizer_cls(name)
         ref_named = dict(ref.named_parameters())
         cls = registry.get_optimizer_cls(name)
-        # MuonAdamW hands its momentum / weight decay to the matrix optimizers that take them
-        shared = {k: v for k, v in {"momentum": 0.95, "weight_decay": 0.01}.items() if k in registry.valid_kwargs(cls)}
+        # MuonAdamW hands its momentum / weight decay / Nesterov to the matrix optimizers that take them
+        shared = {k: v for k, v in {"momentum": 0.95, "weight_decay": 0.01, "nesterov": True}.items()
+                  if k in registry.valid_kwargs(cls)}
         inner = cls([ref_named[n] for n in matrices], lr=1e-2, **shared, **kw)
         adamw = AdamW([p for n, p in ref_named.items() if n not in matrices], lr=3e-3, betas=(0.9, 0.95),
                       weight_decay=0.0)
@@ -328,7 +331,8 @@ def test_bf16_params(fp32_state):
     assert losses[-1] < 0.5 * losses[0], losses[::4]
     state_dtype = torch.float32 if fp32_state else torch.bfloat16
     tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    assert len(tensors) == 3 + 2 * 8 and all(t.dtype == state_dtype for t in tensors)
+    # NorMuon (the default matrix side): momentum + second moment per matrix; AdamW: two moments per param
+    assert len(tensors) == 2 * 3 + 2 * 8 and all(t.dtype == state_dtype for t in tensors)
     opt2 = MuonAdamW(model.named_parameters(), fp32_state=fp32_state)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     tensors2 = [v for s in opt2.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
@@ -340,7 +344,8 @@ def test_summary_and_repr():
     opt = MuonAdamW(Net(), lr=0.02)
     text = opt.summary()
     lines = text.splitlines()
-    assert lines[0].startswith("MuonAdamW: matrix side (Muon) 3 tensors") and "adamw side (AdamW) 8 tensors" in lines[0]
+    assert lines[0].startswith("MuonAdamW: matrix side (NorMuon) 3 tensors")
+    assert "adamw side (AdamW) 8 tensors" in lines[0]
     assert lines[1].split() == ["group", "side", "name", "shape", "dtype", "lr", "weight_decay", "why"]
     rows = {line.split()[2]: line.split() for line in lines[2:]}
     assert rows["conv.weight"][1:] == ["matrix", "conv.weight", "8x8x3", "float32", "0.02", "0.01", "hidden", "matrix"]
@@ -350,7 +355,7 @@ def test_summary_and_repr():
     with pytest.warns(UserWarning, match="no name"):
         assert "<param 0>" in MuonAdamW([torch.zeros(3, 3, requires_grad=True)]).summary()
     r = repr(opt)
-    assert r.startswith("MuonAdamW(matrix_optimizer=Muon: 3 params, AdamW: 8 params") and "side: adamw" in r
+    assert r.startswith("MuonAdamW(matrix_optimizer=NorMuon: 3 params, AdamW: 8 params") and "side: adamw" in r
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -40,6 +40,7 @@ from emerging_optimizers.orthogonalized_optimizers.adaptive_muon import (
 )
 from emerging_optimizers.orthogonalized_optimizers.mop import MOP, MOPScaleT, calculate_mop_update, polar_via_svd
 from emerging_optimizers.orthogonalized_optimizers.muon_hyperball import MuonHyperball
+from emerging_optimizers.orthogonalized_optimizers.normuon import NorMuon
 from emerging_optimizers.orthogonalized_optimizers.polargrad import (
     OneSidedT,
     PolarGrad,
@@ -57,7 +58,8 @@ from emerging_optimizers.orthogonalized_optimizers.spectral_clipping_utils impor
 from emerging_optimizers.orthogonalized_optimizers.spel import Spel, msign
 
 __all__ += [
-    "AdaptiveMuon", "Moment2MethodT", "calculate_adaptive_muon_update", "moment2_shape", "update_namo_moment2",
+    "AdaptiveMuon", "NorMuon", "Moment2MethodT", "calculate_adaptive_muon_update", "moment2_shape",
+    "update_namo_moment2",
     "MOP", "MOPScaleT", "calculate_mop_update", "polar_via_svd", "MuonHyperball", "OneSidedT", "PolarGrad",
     "calculate_polargrad_update", "left_polargrad_orth_fn", "one_sided_polargrad_orth_fn", "right_polargrad_orth_fn",
     "Scion", "spectral_clip", "spectral_clipped_weight_decay", "spectral_hardcap", "Spel", "msign",

@@ -30,6 +30,7 @@ must be 2-D.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -194,7 +195,7 @@ class AdaptiveMuon(Muon):
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = super()._init_param_state(p, group)
         buf = state["momentum_buffer"]
-        shape = moment2_shape(p.shape, group["moment2_method"])
+        shape = moment2_shape((p.shape[0], math.prod(p.shape[1:])), group["moment2_method"])  # the [out, -1] view
         state["moment2_buffer"] = torch.zeros(shape, dtype=buf.dtype, device=p.device)
         return state
 
