@@ -460,6 +460,12 @@ def _torch_muon_parts(opt):
     return opt.muon, opt.adamw
 
 
+def _torch_muon_base(task_name: str) -> tuple[float, float]:
+    """torch_muon's (lr, adamw_lr) on a task: the recipe's, unless the task tuned them."""
+    tuned = {"lr": 0.04, "adamw_lr": 4e-3, **tasks.get_task(task_name).tuned("torch_muon")}
+    return tuned["lr"], tuned["adamw_lr"]
+
+
 def test_torch_baselines_run_in_compare(capsys, tmp_path):
     code, out, err = _run(capsys, "compare", "--task", "mlp-digits", "--optimizers", "adamw", "torch_muon",
                           "torch_adamw", "--out", str(tmp_path), *TINY)
@@ -467,12 +473,14 @@ def test_torch_baselines_run_in_compare(capsys, tmp_path):
     res = _check_outputs(tmp_path, ["adamw", "torch_muon", "torch_adamw"], "mlp-digits", 4)
     summary = {s["label"]: s for s in res["summary"]}
     assert summary["torch_muon"]["family"] == summary["torch_adamw"]["family"] == "torch.optim"
-    assert summary["torch_muon"]["lr"] == 0.04  # the lr column is Muon's lr (the recipe's)
+    assert summary["torch_muon"]["lr"] == _torch_muon_base("mlp-digits")[0]  # the lr column is Muon's lr
     assert summary["torch_adamw"]["lr"] == tasks.get_task("mlp-digits").tuned("adamw")["lr"]
     assert summary["torch_muon"]["state_bytes"] > 0
     (run,) = res["runs"]["torch_muon"]
-    assert run["kwargs"]["adjust_lr_fn"] == repr("original") and run["kwargs"]["adamw_lr"] == repr(4e-3)
-    assert "torch.optim" in out and "torch_muon (the Muon recipe's values)" in out
+    assert run["kwargs"]["adjust_lr_fn"] == repr("original")
+    assert run["kwargs"]["adamw_lr"] == repr(_torch_muon_base("mlp-digits")[1])
+    # the task tuned torch_muon's lrs (its best multiple of the recipe's), so no "not tuned" note for it
+    assert "torch.optim" in out and "torch_muon (the Muon recipe's values)" not in out
 
 
 def test_torch_muon_recipe_and_baselines_documented(capsys):
@@ -631,7 +639,8 @@ def test_sweep_tiny_writes_csv_json_and_plot(capsys, tmp_path):
     assert [(r["optimizer"], float(r["multiplier"])) for r in rows] == \
         [("adamw", 0.5), ("adamw", 2.0), ("torch_muon", 0.5), ("torch_muon", 2.0)]  # ascending lr
     base = tasks.get_task("mlp-digits").tuned("adamw")["lr"]
-    assert [float(r["lr"]) for r in rows] == pytest.approx([base * 0.5, base * 2, 0.04 * 0.5, 0.04 * 2])
+    tm_lr, tm_adamw = _torch_muon_base("mlp-digits")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([base * 0.5, base * 2, tm_lr * 0.5, tm_lr * 2])
     for r in rows:
         assert r["seeds"] == "1" and r["diverged_seeds"] == "0" and math.isfinite(float(r["val_loss_mean"]))
     for label in ("adamw", "torch_muon"):
@@ -640,7 +649,7 @@ def test_sweep_tiny_writes_csv_json_and_plot(capsys, tmp_path):
     assert res["settings"]["lrs"] == [0.5, 2.0] and res["settings"]["absolute"] is False
     assert res["settings"]["steps"] == 4 and res["environment"]["cpu"]
     assert [o["label"] for o in res["optimizers"]] == ["adamw", "torch_muon"]
-    assert res["optimizers"][1]["base_lrs"] == {"lr": 0.04, "adamw_lr": 4e-3}
+    assert res["optimizers"][1]["base_lrs"] == {"lr": tm_lr, "adamw_lr": tm_adamw}
     assert res["optimizers"][1]["family"] == "torch.optim"
     assert len(res["points"]) == 4
     for p in res["points"]:
@@ -664,13 +673,15 @@ def test_sweep_scales_both_lrs_and_absolute_keeps_the_ratio(capsys, tmp_path):
     assert [pt.lrs for pt in a.points] == [{"lr": pytest.approx(0.005)}, {"lr": pytest.approx(0.02)}]
     assert [pt.multiplier for pt in m.points] == [0.5, 2.0]
     assert m.points[0].lrs == {"lr": pytest.approx(ma_lr / 2), "adamw_lr": pytest.approx(ma_adamw / 2)}
-    assert t.points[1].lrs == {"lr": pytest.approx(0.08), "adamw_lr": pytest.approx(8e-3)}
+    tm_lr, tm_adamw = _torch_muon_base("mlp-digits")
+    assert t.points[1].lrs == {"lr": pytest.approx(2 * tm_lr), "adamw_lr": pytest.approx(2 * tm_adamw)}
     assert t.points[1].spec.overrides == t.points[1].lrs and t.points[1].spec.name == "torch_muon"
     (a, t) = sweep_mod.plan(specs.parse_specs(["adamw", "torch_muon"]), task, [0.01, 0.02], absolute=True)
     assert [pt.lr for pt in a.points] == [0.01, 0.02]
     assert [pt.multiplier for pt in a.points] == pytest.approx([0.01 / task.tuned("adamw")["lr"],
                                                                 0.02 / task.tuned("adamw")["lr"]])
-    assert t.points[0].lrs == {"lr": 0.01, "adamw_lr": pytest.approx(1e-3)}  # Muon's lr given, AdamW's at the ratio
+    # Muon's lr given, AdamW's at the tuned ratio
+    assert t.points[0].lrs == {"lr": 0.01, "adamw_lr": pytest.approx(0.01 * tm_adamw / tm_lr)}
 
     # end to end: what each run was built with
     out_dir = tmp_path / "rel"
@@ -681,10 +692,11 @@ def test_sweep_scales_both_lrs_and_absolute_keeps_the_ratio(capsys, tmp_path):
     built = {(p["optimizer"], p["multiplier"]): p["runs"][0]["kwargs"] for p in res["points"]}
     assert float(built["muon_adamw", 2.0]["lr"]) == pytest.approx(2 * ma_lr)
     assert float(built["muon_adamw", 2.0]["adamw_lr"]) == pytest.approx(2 * ma_adamw)
-    assert float(built["torch_muon", 0.5]["lr"]) == pytest.approx(0.02)
-    assert float(built["torch_muon", 0.5]["adamw_lr"]) == pytest.approx(2e-3)
+    assert float(built["torch_muon", 0.5]["lr"]) == pytest.approx(tm_lr / 2)
+    assert float(built["torch_muon", 0.5]["adamw_lr"]) == pytest.approx(tm_adamw / 2)
     rows = _sweep_rows(out_dir)
-    assert [float(r["adamw_lr"]) for r in rows] == pytest.approx([ma_adamw / 2, ma_adamw * 2, 2e-3, 8e-3])
+    assert [float(r["adamw_lr"]) for r in rows] == pytest.approx([ma_adamw / 2, ma_adamw * 2, tm_adamw / 2,
+                                                                  tm_adamw * 2])
 
     out_dir = tmp_path / "abs"
     code, _, err = _run(capsys, "sweep", "--optimizers", "adamw", "--absolute", "--lrs", "0.01", "0.03",
