@@ -90,7 +90,7 @@ CASES += [
     _matrix("adaptive_muon", 0.02, moment2_method="normuon"),
     _matrix("adaptive_muon", 0.02, moment2_method="namo"),
     _matrix("normuon", 0.02),
-    _matrix("normuon", 0.02, nesterov=False, weight_decay_method="l2", beta2=0.9),
+    _matrix("normuon", 0.02, nesterov=False, weight_decay_method="l2", weight_decay=0.01, beta2=0.9),
     _matrix("muown", 0.02, state_in_param_dtype=False),  # Muown keeps its factorized state in float32
     # MuonHyperball keeps each matrix on a sphere: one group per matrix, radius = its norm when built
     Case("muon_hyperball", lambda params, **o: eo.get_optimizer_cls("muon_hyperball")(

@@ -172,8 +172,9 @@ def test_equals_separate_muon_and_adamw(kwargs):
     ref_named = dict(ref.named_parameters())
     matrix_cls = registry.get_optimizer_cls(k["matrix_optimizer"])
     assert type(opt.matrix_optimizer) is matrix_cls
-    muon = matrix_cls([ref_named[n] for n in MATRIX], lr=k["lr"], momentum=k["momentum"],
-                      weight_decay=k["weight_decay"], nesterov=k["nesterov"], **k["matrix_kwargs"])
+    wd = {} if k["weight_decay"] is None else {"weight_decay": k["weight_decay"]}  # None: the class's default
+    muon = matrix_cls([ref_named[n] for n in MATRIX], lr=k["lr"], momentum=k["momentum"], nesterov=k["nesterov"],
+                      **wd, **k["matrix_kwargs"])
     adamw = AdamW([p for n, p in ref_named.items() if n not in MATRIX], lr=k["adamw_lr"], betas=k["adamw_betas"],
                   eps=k["adamw_eps"], weight_decay=k["adamw_weight_decay"], **k["adamw_kwargs"])
     assert train(model, [opt], 5) == train(ref, [muon, adamw], 5)
@@ -204,8 +205,8 @@ def test_every_matrix_optimizer_runs_inside():
         ref_named = dict(ref.named_parameters())
         cls = registry.get_optimizer_cls(name)
         # MuonAdamW hands its momentum / weight decay / Nesterov to the matrix optimizers that take them
-        shared = {k: v for k, v in {"momentum": 0.95, "weight_decay": 0.01, "nesterov": True}.items()
-                  if k in registry.valid_kwargs(cls)}
+        # (weight decay: MuonAdamW's default None leaves each matrix optimizer's own)
+        shared = {k: v for k, v in {"momentum": 0.95, "nesterov": True}.items() if k in registry.valid_kwargs(cls)}
         inner = cls([ref_named[n] for n in matrices], lr=1e-2, **shared, **kw)
         adamw = AdamW([p for n, p in ref_named.items() if n not in matrices], lr=3e-3, betas=(0.9, 0.95),
                       weight_decay=0.0)
@@ -348,7 +349,8 @@ def test_summary_and_repr():
     assert "adamw side (AdamW) 8 tensors" in lines[0]
     assert lines[1].split() == ["group", "side", "name", "shape", "dtype", "lr", "weight_decay", "why"]
     rows = {line.split()[2]: line.split() for line in lines[2:]}
-    assert rows["conv.weight"][1:] == ["matrix", "conv.weight", "8x8x3", "float32", "0.02", "0.01", "hidden", "matrix"]
+    # NorMuon's own weight decay (1.0): MuonAdamW leaves it when weight_decay is not given
+    assert rows["conv.weight"][1:] == ["matrix", "conv.weight", "8x8x3", "float32", "0.02", "1", "hidden", "matrix"]
     assert rows["embed.weight"][1] == "adamw" and rows["embed.weight"][-1] == "nn.Embedding"
     assert rows["head.weight"][-3:] == ["output", "head", "('head')"]
     assert rows["norm.bias"][-1] == "1-D" and rows["norm.bias"][5] == "0.003"

@@ -27,7 +27,7 @@ def test_2d_is_adaptive_muon_normuon_bit_for_bit(kw):
     a = [torch.nn.Parameter(t.clone()) for t in init]
     b = [torch.nn.Parameter(t.clone()) for t in init]
     _run(a, grads, lambda ps: NorMuon(ps, **kw))
-    ref_kw = {"lr": 1.5e-3, "nesterov": True, **kw, "moment2_method": "normuon"}
+    ref_kw = {"lr": 2e-3, "weight_decay": 1.0, "nesterov": True, **kw, "moment2_method": "normuon"}
     _run(b, grads, lambda ps: AdaptiveMuon(ps, **ref_kw))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -49,8 +49,8 @@ def test_defaults_and_registry():
     opt = eo.registry.get_optimizer_cls("normuon")([p])
     assert type(opt) is NorMuon
     g = opt.param_groups[0]
-    assert (g["lr"], g["nesterov"], g["moment2_method"], g["momentum"], g["weight_decay"]) == (1.5e-3, True,
-                                                                                               "normuon", 0.95, 0.01)
+    assert (g["lr"], g["nesterov"], g["moment2_method"], g["momentum"], g["weight_decay"]) == (2e-3, True,
+                                                                                               "normuon", 0.95, 1.0)
     with pytest.raises(ValueError, match="1-D|matri"):
         NorMuon([torch.nn.Parameter(torch.zeros(3))])
 
@@ -60,7 +60,8 @@ def test_muon_adamw_default_matrix_side_is_normuon_and_takes_conv_nets():
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
     opt = eo.MuonAdamW(model)
     assert type(opt.matrix_optimizer) is NorMuon
-    assert opt.matrix_optimizer.param_groups[0]["nesterov"] is True and opt.param_groups[0]["lr"] == 1.5e-3
+    g = opt.matrix_optimizer.param_groups[0]
+    assert g["nesterov"] is True and g["lr"] == 2e-3 and g["weight_decay"] == 1.0  # NorMuon's own decay
     x = torch.randn(4, 3, 8, 8)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):

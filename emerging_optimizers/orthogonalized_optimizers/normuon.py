@@ -12,9 +12,10 @@ is updated as its ``[out, in*kh*kw]`` matrix, as :class:`Muon` does), so it can 
 the same options, bit for bit (tested).
 
 Defaults, and the evidence for them (``docs/sweeps-muon-adamw.md``: three ``emopt`` tasks, 3 seeds each):
-``lr=1.5e-3``, ``momentum=0.95``, ``weight_decay=0.01``, ``nesterov=True``, ``beta2=0.95``. On the char-LM,
-NorMuon + Nesterov reached 2.099 +- 0.015 (lr 2e-3) where Muon + Nesterov reached 2.124 +- 0.006 and Muon
-2.172 +- 0.011; on the ViT 0.258 +- 0.005 (lr 1e-3) vs 0.296 +- 0.010 and 0.330 +- 0.016.
+``lr=2e-3``, ``momentum=0.95``, ``weight_decay=1.0`` (decoupled, so 0.2% a step at that lr, the per-step decay of
+torch's Muon recipe), ``nesterov=True``, ``beta2=0.95``. On the char-LM (inside MuonAdamW) NorMuon + Nesterov
+reached 2.099 +- 0.015 at lr 2e-3 and 2.092 +- 0.011 with weight decay 1.0, where Muon + Nesterov reached
+2.124 +- 0.006 and Muon 2.172 +- 0.011; on the ViT 0.258 +- 0.005 (lr 1e-3) vs 0.296 +- 0.010 and 0.330 +- 0.016.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ __all__ = ["NorMuon"]
 class NorMuon(AdaptiveMuon):
     """:class:`AdaptiveMuon` with ``moment2_method="normuon"``, Nesterov momentum, and N-D parameters (module doc).
 
-    Args: as :class:`AdaptiveMuon`; the defaults differ: ``lr=1.5e-3``, ``nesterov=True``,
-    ``moment2_method="normuon"`` (``"adamuon"`` and ``"namo"`` stay available). Parameters: any rank >= 2.
+    Args: as :class:`AdaptiveMuon`; the defaults differ: ``lr=2e-3``, ``weight_decay=1.0`` (decoupled: 0.2% a
+    step at that lr), ``nesterov=True``, ``moment2_method="normuon"`` (``"adamuon"`` and ``"namo"`` stay
+    available). Parameters: any rank >= 2.
     """
 
     param_ndim = (2, None)
@@ -49,9 +51,9 @@ class NorMuon(AdaptiveMuon):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1.5e-3,
+        lr: float = 2e-3,
         momentum: float = 0.95,
-        weight_decay: float = 0.01,
+        weight_decay: float = 1.0,
         *,
         nesterov: bool = True,
         weight_decay_method: WeightDecayT = "decoupled",
