@@ -11,7 +11,6 @@ Usage: ``python benchmarks/bench_nonfinite.py [--set small|large|both] [--rounds
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -19,6 +18,7 @@ import torch
 from _gpt_params import gpt_like_shapes, make_params
 
 import emerging_optimizers as eo
+from emerging_optimizers.cli.report import environment
 
 SETS = {"small": dict(n_blocks=2, d_model=128, vocab=65, context=64),
         "large": dict(n_blocks=6, d_model=512, vocab=8192, context=1024)}
@@ -28,17 +28,6 @@ OPTIMIZERS = {
     "lion": lambda ps, nf: eo.Lion(ps, lr=1e-4, nonfinite=nf),
     "muon_adamw": lambda ps, nf: eo.MuonAdamW(ps, lr=5e-3, nonfinite=nf),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(set_name: str, rounds: int) -> None:
@@ -69,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; 1 thread")
+    print(f"CPU: {environment(1)['cpu']}; torch {torch.__version__}; 1 thread")
     for set_name in (["small", "large"] if args.set == "both" else [args.set]):
         run(set_name, args.rounds)
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 import traceback
 import warnings
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from contract_cases import CASES, Case
+from distributed_helpers import run_ranks
 
 import emerging_optimizers as eo
 from emerging_optimizers.base import NonFiniteGradientError
@@ -292,12 +290,6 @@ def test_bf16_params():
 # --------------------------------------------------------------------------------------------------------------
 # All ranks decide together (gloo, loopback): a NaN on one rank skips the step on every rank
 # --------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_worker(rank: int, world: int, port: int, errors) -> None:
     try:
         torch.set_num_threads(1)
@@ -330,35 +322,7 @@ def _rank_worker(rank: int, world: int, port: int, errors) -> None:
 
 @pytest.mark.distributed
 def test_all_ranks_skip_together():
-    world = 2
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    env = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    procs = []
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_worker, args=(r, world, port, errors)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_rank_worker, 2)
 
 
 def test_huge_finite_gradients_are_not_skipped():

@@ -13,14 +13,12 @@ import contextlib
 import doctest
 import importlib
 import logging
-import os
-import socket
 import sys
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from distributed_helpers import run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
@@ -386,12 +384,6 @@ def test_newton_schulz_tp_without_partition_is_plain_newton_schulz():
 # --------------------------------------------------------------------------------------------------------------
 # Tensor-parallel Newton-Schulz on real processes (gloo, loopback)
 # --------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tp_worker(rank: int, world: int, port: int, errors) -> None:
     try:
         torch.set_num_threads(1)
@@ -424,35 +416,7 @@ def _tp_worker(rank: int, world: int, port: int, errors) -> None:
 
 @pytest.mark.distributed
 def test_newton_schulz_tp_two_ranks_equals_one_process():
-    world = 2
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    env = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    procs = []
-    try:
-        port = _free_port()
-        procs = [ctx.Process(target=_tp_worker, args=(r, world, port, errors)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:  # stop every rank, even when the test fails
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_tp_worker, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""Start N real processes on loopback (gloo), and stop every one of them even when the test fails.
+
+``run_ranks(worker, world, *args)`` calls ``worker(rank, world, port, errors, *args)`` in ``world`` spawned
+processes; a worker reports a failure by putting its traceback on ``errors`` (and must destroy its process
+group in a ``finally``). The test fails with every rank's traceback, or when a rank exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(worker: Callable[..., None], world: int, *args: Any, timeout: float = 120) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    env = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    procs = []
+    try:
+        port = free_port()
+        procs = [ctx.Process(target=worker, args=(r, world, port, errors, *args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+    finally:
+        for p in procs:  # stop every rank, even when the test fails
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
