@@ -251,7 +251,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from emerging_optimizers.cli import report, specs
-    from emerging_optimizers.cli.data import MissingDataError
 
     task = tasks_mod.get_task(args.task)
     spec_list = specs.parse_specs(args.optimizers or list(task.default_optimizers))
@@ -259,18 +258,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.reference is not None and args.reference not in labels:
         raise UsageError(f"--reference {args.reference!r} is not one of the compared optimizers: {', '.join(labels)}.")
     reference = args.reference or next((s.label for s in spec_list if s.name == "adamw"), labels[0])
-    steps = args.steps or task.steps
-    batch_size = args.batch_size or task.batch_size
-    eval_points = args.eval_points or task.eval_points
-    seeds = list(range(args.seeds))
-    out: Path = args.out if args.out is not None else _fresh_run_dir(Path("emopt_out"))
-    _check_out_dir(out, args.overwrite)
-    console = _console()
-    try:
-        problem = task.load(batch_size)
-    except MissingDataError as exc:
-        print(f"emopt compare: error: {exc}", file=sys.stderr)
+    setup = _run_setup(args, task, "compare", "run")
+    if setup is None:
         return 1
+    steps, batch_size, eval_points, seeds, out, problem = setup
+    console = _console()
     # build every optimizer once before training anything, so a bad value fails now and not after minutes
     for s in spec_list:
         specs.build_optimizer(s, problem.make_model(), task.tuned(s.name))
@@ -327,6 +319,26 @@ def _print_untuned(console: Any, task: tasks_mod.Task, spec_list: list[Any]) -> 
     for s in untuned:
         if specs.is_baseline(s.name):
             console.print(escape(f"not tuned for {task.name}: {s.label} ({baselines.BASELINES[s.name].untuned_note})"))
+
+
+def _run_setup(args: argparse.Namespace, task: tasks_mod.Task, command: str,
+               prefix: str) -> tuple[int, int, int, list[int], Path, Any] | None:
+    """What ``compare`` and ``sweep`` share before training: steps, batch size, evaluation points and seeds (the
+    task's unless given), the checked output directory (a fresh ``emopt_out/<prefix>-<timestamp>`` by default)
+    and the loaded problem; None (after printing the error) when the task's data is missing."""
+    from emerging_optimizers.cli.data import MissingDataError
+
+    steps = args.steps or task.steps
+    batch_size = args.batch_size or task.batch_size
+    eval_points = args.eval_points or task.eval_points
+    out: Path = args.out if args.out is not None else _fresh_run_dir(Path("emopt_out"), prefix)
+    _check_out_dir(out, args.overwrite)
+    try:
+        problem = task.load(batch_size)
+    except MissingDataError as exc:
+        print(f"emopt {command}: error: {exc}", file=sys.stderr)
+        return None
+    return steps, batch_size, eval_points, list(range(args.seeds)), out, problem
 
 
 def _fresh_run_dir(root: Path, prefix: str = "run") -> Path:
@@ -406,24 +418,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from emerging_optimizers.cli import report, specs
     from emerging_optimizers.cli import sweep as sweep_mod
-    from emerging_optimizers.cli.data import MissingDataError
     from emerging_optimizers.cli.train import train_run
 
     task = tasks_mod.get_task(args.task)
     spec_list = specs.parse_specs(args.optimizers)
     plans = sweep_mod.plan(spec_list, task, args.lrs, args.absolute)
-    steps = args.steps or task.steps
-    batch_size = args.batch_size or task.batch_size
-    eval_points = args.eval_points or task.eval_points
-    seeds = list(range(args.seeds))
-    out: Path = args.out if args.out is not None else _fresh_run_dir(Path("emopt_out"), "sweep")
-    _check_out_dir(out, args.overwrite)
-    console = _console()
-    try:
-        problem = task.load(batch_size)
-    except MissingDataError as exc:
-        print(f"emopt sweep: error: {exc}", file=sys.stderr)
+    setup = _run_setup(args, task, "sweep", "sweep")
+    if setup is None:
         return 1
+    steps, batch_size, eval_points, seeds, out, problem = setup
+    console = _console()
     # build every grid point once before training anything: a bad value fails now, not after minutes
     for p in plans:
         for pt in p.points:
