@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from emerging_optimizers.distributed.comm import is_dtensor, local
+from emerging_optimizers.distributed.sharding import check_dtensor_placements
 from emerging_optimizers.utils.nonfinite import (
     NONFINITE_POLICIES,
     NonFiniteGradientError,
@@ -102,6 +104,11 @@ def _caller_stacklevel() -> int:
     return 1
 
 
+def _meta_like(p: torch.Tensor) -> torch.Tensor:
+    """A plain meta tensor of ``p``'s (global) shape and dtype: state specs without allocating (DTensor too)."""
+    return torch.empty(p.shape, dtype=p.dtype, device="meta")
+
+
 class EmergingOptimizer(torch.optim.Optimizer):
     """Base class: closures, grad checks, lazy state, validated ``load_state_dict``."""
 
@@ -113,6 +120,9 @@ class EmergingOptimizer(torch.optim.Optimizer):
     matrix_only: bool = False
     #: Usable as ``MuonAdamW``'s ``matrix_optimizer`` (the side that gets the hidden matrices).
     matrix_optimizer_ok: bool = False
+    #: Steps DTensor parameters (FSDP2 ``fully_shard``, tensor parallel). Element-wise optimizers step the
+    #: local shards; the orthogonalized family assembles whole matrices; the others refuse them.
+    dtensor_support: bool = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, nonfinite: NonfiniteT = "skip") -> None:
         """``torch.optim.Optimizer(params, defaults)`` with the ``nonfinite`` policy (module doc) in the defaults."""
@@ -148,10 +158,24 @@ class EmergingOptimizer(torch.optim.Optimizer):
                                  "gradients), 'raise' (stop with an error) or 'off' (no check).")
             self._validate_group(group)
             for p in group["params"]:
+                if is_dtensor(p):
+                    self._check_dtensor_param(p)
                 self._validate_param(p, group)
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _check_dtensor_param(self, p: Any) -> None:
+        name = type(self).__name__
+        if not self.dtensor_support:
+            raise ValueError(
+                f"{name} does not support DTensor (FSDP2 fully_shard / tensor-parallel) parameters: got one of shape "
+                f"{tuple(p.shape)} with placements {tuple(p.placements)}. Its update is not element-wise and it does "
+                "not assemble sharded matrices. Train it with replicated parameters (DDP), or use an optimizer "
+                "that supports DTensor: the element-wise ones (AdamW, Lion, ...), the orthogonalized family "
+                "(Muon, NorMuon, ...) or MuonAdamW."
+            )
+        check_dtensor_placements(p, name)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups, which would drop what subclasses keep on ``self``
@@ -197,12 +221,12 @@ class EmergingOptimizer(torch.optim.Optimizer):
             return False
         for _, _, p in checked:
             self._check_grad(p)
-        suspect = nonfinite_flag([p.grad for _, _, p in checked])
+        suspect = nonfinite_flag([local(p.grad) for _, _, p in checked])
         if suspect.device.type == "meta":  # meta tensors hold no values to check
             return False
         bad = []
         if suspect.item():  # rare: confirm tensor by tensor (finite values whose squares overflow are fine)
-            bad = [(gi, i, p, nonfinite_counts(p.grad)) for gi, i, p in checked]
+            bad = [(gi, i, p, nonfinite_counts(local(p.grad))) for gi, i, p in checked]
             bad = [b for b in bad if any(b[3])]
         flag = all_ranks_agree(torch.tensor(float(bool(bad))), self._nonfinite_group())
         if not flag.item():
@@ -284,7 +308,7 @@ class EmergingOptimizer(torch.optim.Optimizer):
         for p, pid in zip(params, saved_ids):
             if pid not in saved_state:
                 continue
-            spec = self._init_param_state(torch.empty_like(p, device="meta"), self._group_of(p))
+            spec = self._init_param_state(_meta_like(p), self._group_of(p))
             for key, value in saved_state[pid].items():
                 ref = spec.get(key)
                 if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
@@ -346,7 +370,7 @@ class EmergingOptimizer(torch.optim.Optimizer):
                 saved_state = state_dict["state"].get(pid)
                 if not saved_state:
                     continue
-                spec = self._init_param_state(torch.empty_like(p, device="meta"), merged)
+                spec = self._init_param_state(_meta_like(p), merged)
                 if set(saved_state) != set(spec) and set(saved_state) != set(spec) - set(self.optional_state_keys):
                     raise ValueError(
                         f"{name}.load_state_dict: state of param {pid} (shape {tuple(p.shape)}) has keys "

@@ -77,6 +77,10 @@ class Muown(Muon):
         nesterov: Nesterov direction in the Muon branch (False).
     """
 
+    #: Its own step (weight-norm split) needs whole weights: no DTensor parameters.
+    dtensor_support = False
+
+
     param_ndim = (2, 2)
 
     def __init__(

@@ -37,6 +37,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from emerging_optimizers.base import NonfiniteT, ParamsT
+from emerging_optimizers.distributed.comm import is_dtensor, local
 from emerging_optimizers.mixin import WeightDecayT, apply_weight_decay
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT, get_muon_scale_factor
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT, newton_schulz
@@ -131,6 +132,7 @@ class AdaptiveMuon(Muon):
     """
 
     param_ndim = (2, 2)
+    orth_state_keys = ("moment2_buffer",)
 
     def __init__(
         self,
@@ -155,6 +157,8 @@ class AdaptiveMuon(Muon):
         ns_compute_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._moment2_defaults = {"moment2_method": moment2_method, "beta2": beta2, "eps": eps}
@@ -174,7 +178,8 @@ class AdaptiveMuon(Muon):
             weight_update_hook=weight_update_hook,
             ns_method=ns_method,
             ns_compute_dtype=ns_compute_dtype,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     @property
@@ -196,8 +201,20 @@ class AdaptiveMuon(Muon):
         state = super()._init_param_state(p, group)
         buf = state["momentum_buffer"]
         shape = moment2_shape((p.shape[0], math.prod(p.shape[1:])), group["moment2_method"])  # the [out, -1] view
-        state["moment2_buffer"] = torch.zeros(shape, dtype=buf.dtype, device=p.device)
+        if shape == tuple(p.shape):  # adamuon: like the parameter (a DTensor parameter's stays sharded like it)
+            state["moment2_buffer"] = torch.zeros_like(p, dtype=buf.dtype, memory_format=torch.contiguous_format)
+        else:  # a row/column vector or a scalar: whole on every rank
+            state["moment2_buffer"] = torch.zeros(shape, dtype=buf.dtype, device=local(p).device)
         return state
+
+    def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        super()._validate_param(p, group)
+        if group["moment2_method"] == "namo" and is_dtensor(p):
+            raise ValueError(
+                f"{type(self).__name__}(moment2_method='namo') needs the whole gradient's norm, and DTensor "
+                f"(FSDP2 / tensor-parallel) parameters hold shards (placements {tuple(p.placements)}); use "
+                "moment2_method='normuon' or 'adamuon', or replicated parameters (DDP)."
+            )
 
     # ------------------------------------------------------------------ step
     # As in the reference library: ``orthogonalize`` returns the plain Newton-Schulz output O; the step then

@@ -98,6 +98,8 @@ class MOP(OrthogonalizedOptimizer):
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -111,7 +113,8 @@ class MOP(OrthogonalizedOptimizer):
             weight_update_hook=weight_update_hook,
             scale_mode=scale_mode,
             extra_scale_factor=extra_scale_factor,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -189,6 +189,8 @@ class Muon(OrthogonalizedOptimizer):
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(use_syrk, bool):
             raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False.")
@@ -212,7 +214,8 @@ class Muon(OrthogonalizedOptimizer):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=None if split_sizes is None else tuple(split_sizes),
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     # ------------------------------------------------------------------ read-only views of the defaults

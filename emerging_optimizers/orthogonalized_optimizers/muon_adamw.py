@@ -99,6 +99,7 @@ from torch import nn
 
 from emerging_optimizers import registry
 from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
+from emerging_optimizers.distributed.sharding import is_flat_param
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon  # noqa: F401 - registers "muon"
 from emerging_optimizers.orthogonalized_optimizers.normuon import NorMuon  # noqa: F401 - registers "normuon"
 from emerging_optimizers.registry import register_optimizer
@@ -351,9 +352,16 @@ def _named_items(group: dict[str, Any], where: str) -> list[tuple[str | None, to
     names = group.get("param_names")
     if names is not None and all(n is None for n, _ in items) and len(names) == len(items):
         items = [(str(n), p) for n, (_, p) in zip(names, items)]
-    for _, p in items:
+    for name, p in items:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where} holds a {type(p).__name__}; optimizers take tensors (or (name, tensor) pairs).")
+        if is_flat_param(p):
+            raise ValueError(
+                f"MuonAdamW got an FSDP1 FlatParameter {name or ''!r} of shape {tuple(p.shape)} (FullyShardedDataParallel "
+                "with use_orig_params=False): every weight is flattened into one 1-D shard, so no matrix would reach "
+                "the matrix side (silently training as AdamW). Shard the model with FSDP2 "
+                "(torch.distributed.fsdp.fully_shard): its DTensor parameters keep their shapes."
+            )
     return items
 
 
@@ -400,7 +408,12 @@ class MuonAdamW(EmergingOptimizer):
             momentum, unless ``momentum_dtype`` is set).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"off"``: what a step with NaN/Inf gradients does
             (:class:`~emerging_optimizers.base.EmergingOptimizer`); one check over both sides.
+        process_group, gather_dtype: the matrix side's work shared over the ranks of a data-parallel group
+            (replicated parameters; :class:`OrthogonalizedOptimizer`). DTensor (FSDP2) parameters need neither:
+            the matrix side assembles whole matrices by itself, the AdamW side steps the local shards.
     """
+
+    dtensor_support = True
 
     def __init__(
         self,
@@ -420,11 +433,20 @@ class MuonAdamW(EmergingOptimizer):
         route: RouteFn | None = None,
         fp32_state: bool = False,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         matrix_cls = _matrix_cls(matrix_optimizer)
+        dist_kwargs = {k: v for k, v in (("process_group", process_group), ("gather_dtype", gather_dtype))
+                       if v is not None}
+        missing = sorted(set(dist_kwargs) - set(registry.valid_kwargs(matrix_cls)))
+        if missing:
+            raise ValueError(f"MuonAdamW: matrix_optimizer {matrix_cls.__name__} does not take {', '.join(missing)}; "
+                             "use an orthogonalized optimizer (normuon, muon, ...) to share the work over ranks.")
         matrix_kwargs = _check_kwargs("matrix_kwargs", matrix_kwargs, matrix_cls,
                                       {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-                                       "nesterov": "nesterov", "nonfinite": "nonfinite"})
+                                       "nesterov": "nesterov", "nonfinite": "nonfinite",
+                                       "process_group": "process_group", "gather_dtype": "gather_dtype"})
         adamw_kwargs = _check_kwargs("adamw_kwargs", adamw_kwargs, AdamW,
                                      {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps",
                                       "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state",
@@ -445,7 +467,7 @@ class MuonAdamW(EmergingOptimizer):
 
         matrix = self._build(matrix_cls, side_groups("matrix"),
                              dict(_shared_matrix_kwargs(matrix_cls, momentum, weight_decay, nesterov), lr=lr,
-                                  nonfinite=nonfinite, **matrix_kwargs))
+                                  nonfinite=nonfinite, **dist_kwargs, **matrix_kwargs))
         # AdamW names its own arguments (lr, betas, ...); here they are adamw_lr, adamw_betas, ...
         check_nonneg("adamw_lr", adamw_lr)
         check_betas("adamw_betas", adamw_betas, 2)
@@ -637,6 +659,9 @@ class MuonAdamW(EmergingOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._inner[group["side"]]._step_group(group, params)
+
+    def _nonfinite_group(self) -> Any:
+        return self._inner["matrix"]._nonfinite_group()
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -80,6 +80,8 @@ class MuonHyperball(Muon):
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._hyperball_defaults = {"hyperball_radius": hyperball_radius, "hyperball_eps": hyperball_eps}
@@ -103,7 +105,8 @@ class MuonHyperball(Muon):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     @property

@@ -71,6 +71,8 @@ class NorMuon(AdaptiveMuon):
         ns_compute_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, momentum, weight_decay, nesterov=nesterov, weight_decay_method=weight_decay_method,
@@ -78,7 +80,8 @@ class NorMuon(AdaptiveMuon):
             scale_mode=scale_mode, extra_scale_factor=extra_scale_factor, moment2_method=moment2_method,
             beta2=beta2, eps=eps, custom_coefficient_sets=custom_coefficient_sets,
             weight_update_hook=weight_update_hook, ns_method=ns_method, ns_compute_dtype=ns_compute_dtype,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     def _orthogonalize_params(

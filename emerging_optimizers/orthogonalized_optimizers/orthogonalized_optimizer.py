@@ -25,17 +25,36 @@ hyperparameters are validated in the constructor and in ``add_param_group``. Ass
 
 Extra options (keyword-only, stored in the param group): ``momentum_dtype`` (``None``: the parameter's dtype;
 e.g. ``torch.float32`` to keep fp32 momentum for bf16 parameters).
+
+Distributed (keyword-only, on the optimizer; docs/distributed.md):
+
+* ``process_group`` (replicated parameters, DDP): each rank of the group orthogonalizes only the matrices it
+  owns (owners balanced by Newton-Schulz FLOPs, :func:`~emerging_optimizers.distributed.assign_owners`;
+  same-shape matrices batched), then one ``all_gather_into_tensor`` per dtype gives every rank every update
+  (and the state the orthogonalization keeps, e.g. NorMuon's second moment): parameters and state stay
+  bit-identical on every rank. ``gather_dtype`` (``None``: the update's float32, or ``torch.bfloat16``) is
+  the dtype of the gathered updates; every rank, the owner too, applies the gathered values.
+* DTensor parameters (FSDP2 ``fully_shard``, HSDP, tensor parallel) are detected by themselves: momentum and
+  state stay sharded like the parameter; each matrix is assembled on one owner rank of its sharding group
+  (``all_to_all``), orthogonalized there, and the update shards are sent back (a second ``all_to_all``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
-from collections.abc import Callable, Hashable
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, ClassVar, Generic
 
 import torch
+import torch.distributed as dist
 
 from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
+from emerging_optimizers.distributed.comm import COMM_STATS, all_gather_owned, exchange, is_dtensor, local
+from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops
+from emerging_optimizers.distributed.sharding import ShardLayout, is_flat_param, shard_layout
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.utils import (
     FP32MatmulPrecT,
@@ -73,8 +92,17 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         fp32_matmul_prec: ``"highest" | "high" | "medium"``, set around ``orthogonalize``.
         scaled_orthogonalize_fn: 2-D tensor -> update of the same shape; ``None`` = identity (warns).
         weight_update_hook: a :class:`WeightUpdateHook` (default :class:`NoOpWeightUpdateHook`).
+        process_group: replicated-parameter (DDP) group over which the orthogonalizations are shared (module
+            docstring); ``None``: every rank does all of them (or, for DTensor parameters, their mesh decides).
+        gather_dtype: dtype of the updates sent between ranks (``None``: the update's own, float32 or float64;
+            ``torch.bfloat16`` halves the bytes).
         **kwargs: extra param-group defaults, passed to ``orthogonalize`` with the rest of the group.
     """
+
+    #: State keys that :meth:`_orthogonalize_params` reads and writes (besides the momentum): distributed
+    #: steps hand them to the owner rank with the matrix and send them back.
+    orth_state_keys: ClassVar[tuple[str, ...]] = ()
+    dtensor_support = True
 
     def __init__(
         self,
@@ -89,8 +117,15 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         scaled_orthogonalize_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         weight_update_hook: WeightUpdateHook[HookStateT] | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
+        self.process_group = _check_process_group(process_group, type(self).__name__)
+        if gather_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"Invalid gather_dtype: {gather_dtype!r}; use None (the update's dtype), torch.float32 "
+                             "or torch.bfloat16.")
+        self.gather_dtype = gather_dtype
         if scaled_orthogonalize_fn is None:
             warnings.warn(
                 f"{type(self).__name__}: scaled_orthogonalize_fn is None, so the update is the momentum itself "
@@ -156,6 +191,7 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     def _validate_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Check one parameter of a group at construction: a floating matrix of ``param_ndim`` dims."""
+        _check_distributed_param(self, p, group)
         if self.param_ndim is not None:
             check_matrix(p, type(self).__name__, max_ndim=self.param_ndim[1],
                          hint="Optimize biases, norm weights and scalars with an AdamW-type optimizer "
@@ -171,8 +207,9 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         """Steps 1-3 for one parameter: weight decay, momentum EMA, (Nesterov) direction."""
         state = self.state[p]
         assert p.grad is not None
-        grad = apply_weight_decay(p, p.grad, group["weight_decay_method"], group["lr"], group["weight_decay"])
-        buf = state["momentum_buffer"]
+        grad = apply_weight_decay(local(p), local(p.grad), group["weight_decay_method"], group["lr"],
+                                  group["weight_decay"])
+        buf = local(state["momentum_buffer"])
         if grad.dtype != buf.dtype:
             grad = grad.to(buf.dtype)
         mu = group["momentum"]
@@ -193,6 +230,9 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     def _apply_update(self, p: torch.Tensor, update: torch.Tensor, lr: float) -> None:
         """Step 5: subclass and hook pre functions, ``p <- p - lr * update``, post functions."""
+        if is_dtensor(p):  # the local shard's update (hooks and pre/post functions are refused for DTensors)
+            local(p).add_(update, alpha=-lr)
+            return
         if update.shape != p.shape:
             raise ValueError(
                 f"{type(self).__name__}.orthogonalize returned shape {tuple(update.shape)} for a parameter of "
@@ -219,10 +259,217 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         return list(buckets.values())
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
+            self._step_group_replicated(group, params)
+            return
+        if any(is_dtensor(p) for p in params):
+            self._step_group_sharded(group, params)
+            return
         # Bucket by bucket (directions, orthogonalization, update), as torch.optim.Muon applies each update as
         # it goes: at most one bucket's directions and updates are alive at a time, not the whole group's.
         for bucket in self._buckets(group, params):
             self._step_bucket(group, bucket)
+
+    def _nonfinite_group(self) -> Any:
+        return self.process_group
+
+    # ------------------------------------------------------------------ distributed steps
+    def _ns_cost(self, p: torch.Tensor, group: dict[str, Any]) -> float:
+        """Newton-Schulz FLOPs of ``p``'s orthogonalization (its ``[out, -1]`` view): balances the owners."""
+        return matrix_ns_flops(p.shape[0], math.prod(p.shape[1:]), group.get("num_ns_steps", 5))
+
+    def _comm_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """dtype of ``p``'s update between ranks: ``gather_dtype``, else the float32 (float64) update's."""
+        if self.gather_dtype is not None:
+            return self.gather_dtype
+        return torch.promote_types(self.state[p]["momentum_buffer"].dtype, torch.float32)
+
+    def _orthogonalize_many(self, group: dict[str, Any], params: list[torch.Tensor],
+                            directions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`_orthogonalize_params` over ``params`` bucket by bucket (same-shape matrices batched)."""
+        where = {id(p): i for i, p in enumerate(params)}
+        out: list[torch.Tensor | None] = [None] * len(params)
+        with fp32_matmul_precision(group["fp32_matmul_prec"]):
+            for bucket in self._buckets(group, params):
+                idx = [where[id(p)] for p in bucket]
+                for i, u in zip(idx, self._orthogonalize_params(bucket, [directions[i] for i in idx], group)):
+                    out[i] = u
+        return out  # type: ignore[return-value]
+
+    def _step_group_replicated(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """``process_group`` mode: each rank orthogonalizes its own matrices; one all-gather shares them."""
+        pg = self.process_group
+        rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+        directions = [self._momentum_direction(p, group) for p in params]
+        owners = assign_owners([self._ns_cost(p, group) for p in params], world)
+        mine = [i for i, o in enumerate(owners) if o == rank]
+        own_updates = dict(zip(mine, self._orthogonalize_many(group, [params[i] for i in mine],
+                                                              [directions[i] for i in mine])))
+        items = []
+        for i, p in enumerate(params):
+            dtype = self._comm_dtype(p)
+            u = own_updates.get(i)
+            items.append((owners[i], None if u is None else u.to(dtype), p.shape, dtype))
+            for key in self.orth_state_keys:
+                st = self.state[p][key]
+                items.append((owners[i], st if u is not None else None, st.shape, st.dtype))
+        gathered = iter(all_gather_owned(items, pg))
+        for p in params:
+            update = next(gathered)
+            for key in self.orth_state_keys:
+                self.state[p][key].copy_(next(gathered))
+            self._apply_update(p, update, group["lr"])
+
+    @contextlib.contextmanager
+    def _state_swapped(self, p: torch.Tensor, values: dict[str, torch.Tensor]) -> Iterator[None]:
+        """``self.state[p]`` shows ``values`` (whole-matrix state on the owner) for the duration."""
+        saved = self.state[p]
+        self.state[p] = {**saved, **values}
+        try:
+            yield
+        finally:
+            self.state[p] = saved
+
+    def _orthogonalize_full(self, group: dict[str, Any], params: list[torch.Tensor], directions: list[torch.Tensor],
+                            states: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Orthogonalize whole matrices ``directions`` of ``params`` with their whole state ``states``."""
+        with contextlib.ExitStack() as stack:
+            for p, st in zip(params, states):
+                stack.enter_context(self._state_swapped(p, st))
+            updates = self._orthogonalize_many(group, params, directions)
+            for p, st in zip(params, states):  # the swapped dicts may have been given new tensors
+                for key in st:
+                    st[key] = self.state[p][key]
+        return updates
+
+    def _step_group_sharded(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """DTensor parameters: whole matrices assembled on owner ranks, update shards sent back."""
+        directions = [self._momentum_direction(p, group) for p in params]  # local shards
+        updates: list[torch.Tensor | None] = [None] * len(params)
+        domains: dict[Any, list[int]] = defaultdict(list)
+        whole, gather = [], []
+        for i, p in enumerate(params):
+            layout = shard_layout(p)
+            if layout is None:
+                whole.append(i)
+            elif layout == "gather":
+                gather.append(i)
+            else:
+                domains[layout.key].append(i)  # type: ignore[union-attr]
+        if whole:  # plain or replicated: the local tensors are the whole matrices, every rank computes them
+            full = self._orthogonalize_full(group, [params[i] for i in whole], [directions[i] for i in whole],
+                                            [{k: local(self.state[params[i]][k]) for k in self.orth_state_keys}
+                                             for i in whole])
+            for i, u in zip(whole, full):
+                updates[i] = u
+        if gather:
+            self._step_gathered(group, params, directions, gather, updates)
+        for idx in domains.values():
+            self._step_owned_shards(group, params, directions, idx, updates)
+        for p, u in zip(params, updates):
+            assert u is not None
+            self._apply_update(p, u, group["lr"])
+
+    def _step_gathered(self, group: dict[str, Any], params: list[torch.Tensor], directions: list[torch.Tensor],
+                       idx: list[int], updates: list[torch.Tensor | None]) -> None:
+        """Shardings over several mesh dims: every rank gathers the whole matrix (``full_tensor``) and keeps its part."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        def full(x: torch.Tensor, like: Any) -> torch.Tensor:
+            COMM_STATS.add("full_tensor", x.numel() * x.element_size() * (like.device_mesh.size() - 1))
+            return DTensor.from_local(x, like.device_mesh, like.placements, shape=like.shape,
+                                      stride=like.stride(), run_check=False).full_tensor()
+
+        def part(x: torch.Tensor, like: Any) -> torch.Tensor:
+            rep = DTensor.from_local(x, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
+            return rep.redistribute(like.device_mesh, like.placements).to_local()
+
+        ps = [params[i] for i in idx]
+        states = [{k: full(local(self.state[p][k]), self.state[p][k]) if is_dtensor(self.state[p][k])
+                   else self.state[p][k] for k in self.orth_state_keys} for p in ps]
+        outs = self._orthogonalize_full(group, ps, [full(directions[i], params[i]) for i in idx], states)
+        for i, p, u, st in zip(idx, ps, outs, states):
+            updates[i] = part(u, p)
+            for k, v in st.items():
+                target = self.state[p][k]
+                local(target).copy_(part(v, target) if is_dtensor(target) else v)
+
+    def _step_owned_shards(self, group: dict[str, Any], params: list[torch.Tensor], directions: list[torch.Tensor],
+                           idx: list[int], updates: list[torch.Tensor | None]) -> None:
+        """Matrices sharded along one dim over one mesh dim: all-to-all to owners, orthogonalize, all-to-all back."""
+        layout: ShardLayout = shard_layout(params[idx[0]])  # type: ignore[assignment]
+        size, me = layout.size, layout.rank
+        owners = assign_owners([self._ns_cost(params[i], group) for i in idx], size)
+        keys = self.orth_state_keys
+        send: list[list[torch.Tensor]] = [[] for _ in range(size)]
+        recv: list[list[tuple[torch.Size, torch.dtype]]] = [[] for _ in range(size)]
+        for i, o in zip(idx, owners):
+            p = params[i]
+            sdt = torch.promote_types(directions[i].dtype, torch.float32)
+            send[o].append(directions[i].to(sdt))
+            sharded = [k for k in keys if is_dtensor(self.state[p][k])]
+            send[o].extend(local(self.state[p][k]) for k in sharded)
+            if o == me:
+                for r in range(size):
+                    recv[r].append((layout.local_shape(p.shape, r), sdt))
+                    recv[r].extend((layout.local_shape(self.state[p][k].shape, r), self.state[p][k].dtype)
+                                   for k in sharded)
+        got = exchange(send, recv, layout.group)
+        cursor = [0] * size
+        owned, full_dirs, full_states = [], [], []
+        for i, o in zip(idx, owners):
+            if o != me:
+                continue
+            p = params[i]
+            pieces = []
+            for r in range(size):
+                pieces.append(got[r][cursor[r]])
+                cursor[r] += 1
+            owned.append(i)
+            full_dirs.append(torch.cat(pieces, dim=layout.dim))
+            st = {}
+            for k in keys:
+                if is_dtensor(self.state[p][k]):
+                    parts = []
+                    for r in range(size):
+                        parts.append(got[r][cursor[r]])
+                        cursor[r] += 1
+                    st[k] = torch.cat(parts, dim=layout.dim)
+                else:
+                    st[k] = self.state[p][k]
+            full_states.append(st)
+        full_updates = self._orthogonalize_full(group, [params[i] for i in owned], full_dirs, full_states)
+        send2: list[list[torch.Tensor]] = [[] for _ in range(size)]
+        recv2: list[list[tuple[torch.Size, torch.dtype]]] = [[] for _ in range(size)]
+        done = dict(zip(owned, zip(full_updates, full_states)))
+        for i, o in zip(idx, owners):
+            p = params[i]
+            cdt = self._comm_dtype(p)
+            if o == me:
+                u, st = done[i]
+                for r, piece in enumerate(layout.split(u.to(cdt))):
+                    send2[r].append(piece.contiguous())
+                for k in keys:
+                    if is_dtensor(self.state[p][k]):
+                        for r, piece in enumerate(layout.split(st[k])):
+                            send2[r].append(piece.contiguous())
+                    else:
+                        for r in range(size):
+                            send2[r].append(st[k])
+            recv2[o].append((layout.local_shape(p.shape, me), cdt))
+            for k in keys:
+                t = self.state[p][k]
+                shape = layout.local_shape(t.shape, me) if is_dtensor(t) else t.shape
+                recv2[o].append((shape, t.dtype))
+        got2 = exchange(send2, recv2, layout.group)
+        cursor = [0] * size
+        for i, o in zip(idx, owners):
+            p = params[i]
+            updates[i] = got2[o][cursor[o]]
+            cursor[o] += 1
+            for k in keys:
+                local(self.state[p][k]).copy_(got2[o][cursor[o]])
+                cursor[o] += 1
 
     def _step_bucket(self, group: dict[str, Any], bucket: list[torch.Tensor]) -> None:
         directions = [self._momentum_direction(p, group) for p in bucket]
@@ -261,3 +508,49 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     def post_weight_update_fn_inplace(self, p: torch.Tensor) -> None:
         """Called after the update (no-op; subclasses may project ``p`` in place)."""
+
+
+def _check_process_group(group: Any, who: str) -> Any:
+    """``group`` if usable by this rank (``None`` passes); a clear error otherwise, before anything is built."""
+    if group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{who}(process_group=...): torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group first (or pass process_group=None).")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{who}: process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
+                        f"dist.new_group(ranks)), got {type(group).__name__}.")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{who}: process_group does not contain this rank (global rank {dist.get_rank()}); build "
+                         "the optimizer on the group's members only, with a group they all belong to.")
+    return group
+
+
+def _check_distributed_param(opt: Any, p: torch.Tensor, group: dict[str, Any]) -> None:
+    """Refuse, at construction, parameters the distributed steps cannot handle (naming the fix)."""
+    name = type(opt).__name__
+    if is_flat_param(p):
+        raise ValueError(
+            f"{name} got an FSDP1 FlatParameter of shape {tuple(p.shape)} (FullyShardedDataParallel with "
+            "use_orig_params=False): it is many tensors flattened into one shard, and orthogonalizing it would be "
+            "silently wrong. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard): its DTensor "
+            "parameters keep their shapes and are assembled whole here."
+        )
+    if not is_dtensor(p):
+        return
+    if opt.process_group is not None:
+        raise ValueError(
+            f"{name}: process_group is for replicated parameters (DDP); got a DTensor parameter of shape "
+            f"{tuple(p.shape)} with placements {tuple(p.placements)}. DTensor parameters are detected by "
+            "themselves: drop process_group."
+        )
+    cls = type(opt)
+    custom = [f for f in ("pre_weight_update_fn_inplace", "post_weight_update_fn_inplace")
+              if getattr(cls, f) is not getattr(OrthogonalizedOptimizer, f)]
+    if custom or not isinstance(opt.weight_update_hook, NoOpWeightUpdateHook):
+        what = ", ".join(custom) or f"weight_update_hook {type(opt.weight_update_hook).__name__}"
+        raise ValueError(
+            f"{name} with DTensor parameters (placements {tuple(p.placements)}): {what} works on whole weights, "
+            "which sharded parameters are not. Use replicated parameters (DDP, optionally process_group=) for "
+            f"{name}, or an optimizer without weight projections (Muon, NorMuon, ...)."
+        )

@@ -201,6 +201,8 @@ class PolarGrad(OrthogonalizedOptimizer):
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -216,7 +218,8 @@ class PolarGrad(OrthogonalizedOptimizer):
             num_ns_steps=num_ns_steps,
             extra_scale_factor=extra_scale_factor,
             custom_coefficient_sets=custom_coefficient_sets,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -90,6 +90,8 @@ class Scion(Muon):
         split_sizes: Sequence[int] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         self._spectral_radius_default = spectral_radius  # read by _validate_group during Muon.__init__
         super().__init__(
@@ -110,7 +112,8 @@ class Scion(Muon):
             ns_compute_dtype=ns_compute_dtype,
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     @property

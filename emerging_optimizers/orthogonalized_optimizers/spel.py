@@ -85,6 +85,8 @@ class Spel(OrthogonalizedOptimizer):
         weight_update_hook: WeightUpdateHook[Any] | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: NonfiniteT = "skip",
+        process_group: Any = None,
+        gather_dtype: torch.dtype | None = None,
     ) -> None:
         self._active_group: dict[str, Any] | None = None
         super().__init__(
@@ -100,7 +102,8 @@ class Spel(OrthogonalizedOptimizer):
             coefficient_type=coefficient_type,
             num_ns_steps=num_ns_steps,
             custom_coefficient_sets=custom_coefficient_sets,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
+            gather_dtype=gather_dtype,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
+from emerging_optimizers.distributed.comm import local
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weight_decay_method, decay_factor
 from emerging_optimizers.utils import check_beta, check_nonneg
 
@@ -177,6 +178,9 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     state_keys: ClassVar[tuple[str, ...]] = ()
     kernel: ClassVar[Kernel]
+    #: DTensor parameters (FSDP2, tensor parallel): the kernel runs on the local shards, no communication
+    #: (``scalars`` and the ``pre_step``/``post_step`` hooks see the DTensor: global shape, global norms).
+    dtensor_support = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, fused: bool | None = None,
                  fp32_state: bool = False, nonfinite: NonfiniteT = "skip") -> None:
@@ -256,24 +260,24 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             state = self.state[p]
             state["step"] += 1
             ctxs.append(self.pre_step(p, group))
-            tensors = tuple(state[k] for k in keys)
+            tensors = tuple(local(state[k]) for k in keys)
             scalars = self.scalars(group, state["step"], p)
-            job = (p, tensors, scalars)
-            if fused and p.is_contiguous() and all(t.is_contiguous() for t in tensors):
+            job = (local(p), local(p.grad), tensors, scalars)
+            if fused and job[0].is_contiguous() and all(t.is_contiguous() for t in tensors):
                 # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group
                 # is at the same step; a chunk then hands its scalars to the compiled code once
-                key = (p.device, p.dtype, tensors[0].dtype if tensors else None, tuple(scalars.items()))
+                key = (job[0].device, p.dtype, tensors[0].dtype if tensors else None, tuple(scalars.items()))
                 buckets[key].append(job)
             else:
                 eager.append(job)
         cache: dict[Any, dict[str, Any]] = {}
         for (device, *_), jobs in buckets.items():
             hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache)
-            scalars = _as_tensors(jobs[0][2], device, cache)
+            scalars = _as_tensors(jobs[0][3], device, cache)
             for i in range(0, len(jobs), FUSED_CHUNK):
                 chunk = jobs[i : i + FUSED_CHUNK]
-                args = ([_flat(p) for p, _, _ in chunk], [p.grad.reshape(-1) for p, _, _ in chunk],
-                        [tuple(map(_flat, t)) for _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
+                args = ([_flat(p) for p, _, _, _ in chunk], [g.reshape(-1) for _, g, _, _ in chunk],
+                        [tuple(map(_flat, t)) for _, _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
                         scalars)
                 try:
                     _compiled_multi_param_step(kernel)(*args, **flags)
@@ -282,8 +286,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
                                   "falling back to the eager step.", RuntimeWarning, stacklevel=3)
                     self._fuse_failed = True
                     eager.extend(chunk)
-        for p, tensors, scalars in eager:
-            param_step(p, p.grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
+        for p, grad, tensors, scalars in eager:
+            param_step(p, grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
         for p, ctx in zip(params, ctxs):
             self.post_step(p, group, ctx)
 

@@ -1,0 +1,147 @@
+"""The few collectives the optimizers run, on torch.distributed, and the DTensor facts they need.
+
+Everything here is a thin layer over ``torch.distributed`` (``all_gather_into_tensor``,
+``all_to_all_single``) that packs many tensors into one flat buffer per dtype, so a step costs one
+collective per dtype, not one per matrix. :data:`COMM_STATS` counts the bytes each rank sends (for the
+benchmarks; counting is a few integer additions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["COMM_STATS", "CommStats", "all_gather_owned", "exchange", "is_dtensor", "local"]
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent (ring model: a collective over W ranks sends (W-1)/W of its buffer)."""
+
+    bytes_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent[kind] += int(nbytes)
+        self.calls[kind] += 1
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.calls.clear()
+
+    def total(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+#: Bytes sent by this process's optimizer collectives since the last ``COMM_STATS.reset()``.
+COMM_STATS = CommStats()
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel parameter or state)."""
+    return hasattr(t, "_local_tensor") and hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (same storage: in-place ops reach it), else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def all_gather_owned(
+    items: Sequence[tuple[int, torch.Tensor | None, torch.Size, torch.dtype]],
+    group: Any,
+    kind: str = "all_gather",
+) -> list[torch.Tensor]:
+    """Every rank gets every item; item ``i`` is ``(owner, tensor or None, shape, dtype)``, given by its owner.
+
+    The owner passes the tensor, the others ``None`` (all ranks list the same items in the same order).
+    One ``all_gather_into_tensor`` per dtype of a buffer padded to the largest rank's payload. Returns
+    fresh tensors (views of the gathered buffers), on every rank including the owner, so all ranks hold
+    bit-identical values.
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, (_, _, _, dtype) in enumerate(items):
+        by_dtype[dtype].append(i)
+    for dtype, idx in by_dtype.items():
+        device = next((t.device for _, t, _, _ in (items[i] for i in idx) if t is not None), None)
+        sizes = [0] * world
+        for i in idx:
+            sizes[items[i][0]] += math.prod(items[i][2])
+        length = max(sizes)
+        if length == 0:
+            continue
+        if device is None:  # this rank owns nothing of this dtype: any tensor of the group tells the device
+            device = _default_device(group)
+        buf = torch.empty(world * length, dtype=dtype, device=device)
+        mine = buf[rank * length : (rank + 1) * length]
+        offset = 0
+        for i in idx:
+            owner, tensor, shape, _ = items[i]
+            if owner == rank:
+                assert tensor is not None
+                n = math.prod(shape)
+                mine[offset : offset + n].copy_(tensor.reshape(-1))
+                offset += n
+        if offset < length:
+            mine[offset:].zero_()
+        dist.all_gather_into_tensor(buf, mine.clone(), group=group)
+        COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
+        offsets = [r * length for r in range(world)]
+        for i in idx:
+            owner, _, shape, _ = items[i]
+            n = math.prod(shape)
+            out[i] = buf[offsets[owner] : offsets[owner] + n].view(shape)
+            offsets[owner] += n
+    return out  # type: ignore[return-value]
+
+
+def exchange(
+    send: Sequence[Sequence[torch.Tensor]],
+    recv: Sequence[Sequence[tuple[torch.Size, torch.dtype]]],
+    group: Any,
+    kind: str = "all_to_all",
+) -> list[list[torch.Tensor]]:
+    """All-to-all of lists of tensors: ``send[r]`` goes to rank ``r``; ``recv[r]`` describes what rank ``r`` sends us.
+
+    One ``all_to_all_single`` per dtype (uneven splits allowed). Returns, per source rank, the received
+    tensors in order, with the shapes of ``recv``.
+    """
+    world = dist.get_world_size(group)
+    dtypes = sorted({t.dtype for ts in send for t in ts} | {d for rs in recv for _, d in rs}, key=str)
+    received: list[list[torch.Tensor | None]] = [[None] * len(rs) for rs in recv]
+    device = next((t.device for ts in send for t in ts), None) or _default_device(group)
+    for dtype in dtypes:
+        parts = [[t for t in ts if t.dtype == dtype] for ts in send]
+        in_splits = [sum(t.numel() for t in ps) for ps in parts]
+        out_splits = [sum(math.prod(s) for s, d in rs if d == dtype) for rs in recv]
+        flat = [t.reshape(-1) for ps in parts for t in ps]
+        inp = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+        out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        me = dist.get_rank(group)
+        COMM_STATS.add(kind, (sum(in_splits) - in_splits[me]) * inp.element_size())
+        offset = 0
+        for r, rs in enumerate(recv):
+            for j, (shape, d) in enumerate(rs):
+                if d != dtype:
+                    continue
+                n = math.prod(shape)
+                received[r][j] = out[offset : offset + n].view(shape)
+                offset += n
+    return received  # type: ignore[return-value]
+
+
+def _default_device(group: Any) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

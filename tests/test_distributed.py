@@ -1,0 +1,167 @@
+"""Distributed steps on real processes (gloo, loopback): the sharded runs give the parameters of one process.
+
+For each layout — DDP with ``process_group`` (matrix work split over the ranks), FSDP2 ``fully_shard`` on a
+1-D mesh, HSDP on a 2-D mesh, tensor parallel (colwise/rowwise DTensor weights) and 2-D FSDP + TP — every rank
+builds the same model, steps a sharded copy and an unsharded copy (one process's view, full batch) with the
+same optimizer, and compares every parameter after several steps.
+
+Tolerance: the model is float64, so the sharded and the single-process runs differ only by the order of
+floating-point sums (gradient reductions split over ranks, matmuls split by tensor parallelism, matrices
+batched differently in Newton-Schulz): ~1e-15 relative per operation, grown by a few steps of Newton-Schulz
+(whose polynomial amplifies differences by at most ~|p'| < 10 per iteration). ``atol=rtol=1e-9`` leaves a
+margin of 10^4 over what we measure (~1e-13) and is still 10^6 below a step (lr ~1e-2), so a wrong shard,
+a missed update or a matrix orthogonalized in pieces fails it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_helpers import run_ranks
+from torch import nn
+
+import emerging_optimizers as eo
+from emerging_optimizers.distributed import COMM_STATS
+from emerging_optimizers.orthogonalized_optimizers import AdaptiveMuon
+
+VOCAB, D, H, BATCH, SEQ, STEPS = 26, 18, 24, 8, 6, 3
+
+OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "muon": (eo.Muon, dict(lr=0.02, weight_decay=0.1, nesterov=True)),
+    "adaptive_muon": (AdaptiveMuon, dict(lr=0.02, moment2_method="adamuon")),  # state sharded like the weight
+    "muon_adamw": (eo.MuonAdamW, dict(lr=0.02, adamw_lr=0.01)),  # NorMuon: a row-vector state, whole per rank
+    "adamw": (eo.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    "lion": (eo.Lion, dict(lr=0.003, weight_decay=0.1)),
+}
+SCALAR = {"adamw", "lion"}
+MATRIX_ONLY = {"muon", "adaptive_muon"}
+
+
+class Net(nn.Module):
+    """A tiny GPT-like stack: embedding, MLP block (fc2 has 18 rows: uneven FSDP shards over 4 ranks), norm, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.fc1 = nn.Linear(D, H)
+        self.fc2 = nn.Linear(H, D, bias=False)
+        self.norm = nn.LayerNorm(D)
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        return self.lm_head(self.norm(x))
+
+
+def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def _params_for(name: str, model: nn.Module) -> Any:
+    if name in MATRIX_ONLY:
+        return [p for n, p in model.named_parameters() if n in ("fc1.weight", "fc2.weight")]
+    if name == "muon_adamw":
+        return model
+    return model.parameters()
+
+
+def _make_optimizer(name: str, model: nn.Module, **dist_kwargs: Any) -> torch.optim.Optimizer:
+    cls, kwargs = OPTIMIZERS[name]
+    return cls(_params_for(name, model), **kwargs, **dist_kwargs)
+
+
+def _shard(layout: str, model: nn.Module, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if layout == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for m in (model.fc1, model.fc2, model.lm_head):
+            fully_shard(m, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        for m in (model.fc1, model.fc2):
+            fully_shard(m, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if layout == "tp":
+        mesh = init_device_mesh("cpu", (world,))
+        return parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    if layout == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        return fully_shard(model, mesh=mesh["dp"])
+    raise ValueError(layout)
+
+
+def _batch_for(layout: str, tokens: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the global batch: data-parallel layouts split it, tensor parallel sees it all."""
+    if layout == "tp":
+        return tokens
+    if layout == "fsdp_tp":
+        dp_rank, dp = rank // (world // 2), 2
+        return tokens.chunk(dp)[dp_rank]
+    return tokens.chunk(world)[rank]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _compare_worker(rank: int, world: int, port: int, errors: Any, layouts: list[str], names: list[str]) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        for layout in layouts:
+            for name in names:
+                _compare_one(layout, name, rank, world)
+    except Exception:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    ref_model = Net().double()
+    model = Net().double()
+    model.load_state_dict(ref_model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(STEPS)]
+
+    ref_opt = _make_optimizer(name, ref_model)
+    for tokens in batches:
+        ref_opt.zero_grad()
+        _loss(ref_model, tokens).backward()
+        ref_opt.step()
+
+    sharded = _shard(layout, model, world)
+    dist_kwargs = {"process_group": dist.group.WORLD} if layout == "ddp" and name not in SCALAR else {}
+    opt = _make_optimizer(name, model, **dist_kwargs)
+    COMM_STATS.reset()
+    for tokens in batches:
+        opt.zero_grad()
+        _loss(sharded, _batch_for(layout, tokens, rank, world)).backward()
+        opt.step()
+    if name not in SCALAR:
+        assert COMM_STATS.total() > 0, f"{layout}/{name}: the matrix work was not shared"
+    for (n, ref), p in zip(ref_model.named_parameters(), model.parameters()):
+        got = _full(p.detach())
+        torch.testing.assert_close(got, ref.detach(), atol=1e-9, rtol=1e-9,
+                                   msg=lambda m, n=n: f"{layout}/{name}/world {world}: {n}: {m}")
+
+
+@pytest.mark.parametrize("world, layouts", [(2, ["ddp", "fsdp", "tp"]), (4, ["ddp", "fsdp", "hsdp", "tp", "fsdp_tp"])],
+                         ids=["2ranks", "4ranks"])
+def test_sharded_runs_match_one_process(world: int, layouts: list[str]) -> None:
+    run_ranks(_compare_worker, world, layouts, list(OPTIMIZERS), timeout=300)
