@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from emerging_optimizers.distributed.ownership import MAX_GATHER_PADDING
+
 __all__ = ["COMM_STATS", "CommStats", "all_gather_owned", "exchange", "is_dtensor", "local"]
 
 
@@ -61,9 +63,10 @@ def all_gather_owned(
     """Every rank gets every item; item ``i`` is ``(owner, tensor or None, shape, dtype)``, given by its owner.
 
     The owner passes the tensor, the others ``None`` (all ranks list the same items in the same order).
-    One ``all_gather_into_tensor`` per dtype of a buffer padded to the largest rank's payload. Returns
-    fresh tensors (views of the gathered buffers), on every rank including the owner, so all ranks hold
-    bit-identical values.
+    Per dtype, one ``all_gather_into_tensor`` of a buffer padded to the largest rank's payload, or, when
+    that padding would add more than :data:`MAX_GATHER_PADDING` (payloads far from equal: about as many
+    ranks as matrices), one ``broadcast`` per owning rank of its exact payload. Returns fresh tensors
+    (views of the received buffers) on every rank, the owner included, so all ranks hold bit-identical values.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -81,21 +84,27 @@ def all_gather_owned(
             continue
         if device is None:  # this rank owns nothing of this dtype: any tensor of the group tells the device
             device = _default_device(group)
-        buf = torch.empty(world * length, dtype=dtype, device=device)
-        mine = buf[rank * length : (rank + 1) * length]
-        offset = 0
-        for i in idx:
+        padded = world * length <= (1 + MAX_GATHER_PADDING) * sum(sizes)
+        starts = [r * length for r in range(world)] if padded else [sum(sizes[:r]) for r in range(world)]
+        buf = torch.zeros(world * length if padded else sum(sizes), dtype=dtype, device=device)
+        offset = starts[rank]
+        for i in idx:  # this rank's payload, in item order
             owner, tensor, shape, _ = items[i]
             if owner == rank:
                 assert tensor is not None
                 n = math.prod(shape)
-                mine[offset : offset + n].copy_(tensor.reshape(-1))
+                buf[offset : offset + n].copy_(tensor.reshape(-1))
                 offset += n
-        if offset < length:
-            mine[offset:].zero_()
-        dist.all_gather_into_tensor(buf, mine.clone(), group=group)
-        COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
-        offsets = [r * length for r in range(world)]
+        if padded:
+            dist.all_gather_into_tensor(buf, buf[starts[rank] : starts[rank] + length].clone(), group=group)
+            COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
+        else:
+            for r in range(world):
+                if sizes[r]:
+                    src = dist.get_global_rank(group, r) if group is not None else r
+                    dist.broadcast(buf[starts[r] : starts[r] + sizes[r]], src, group=group)
+                    COMM_STATS.add("broadcast", sizes[r] * buf.element_size())
+        offsets = list(starts)
         for i in idx:
             owner, _, shape, _ = items[i]
             n = math.prod(shape)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from emerging_optimizers.distributed.ownership import MAX_GATHER_PADDING
 from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops, rank_loads, shard_sizes
 
 __all__ = ["DESIGNS", "design_costs", "gpt_shapes", "table"]
@@ -96,7 +97,8 @@ def design_costs(design: str, shapes: Sequence[Shape], other_numel: int, world: 
     * dion-fsdp2: FSDP2 sync; per shape group two all_to_all bf16 of the padded local shards,
       ``2 * f * Npad*ceil(m/W)*n * 2``; ``Npad/W`` NS per rank (zero matrices included).
     * ours-ddp: sync ``2fP4``; LPT owners; one all_gather_into_tensor padded to the largest payload,
-      ``f * W * max_r(payload_r) * b``.
+      ``f * W * max_r(payload_r) * b``, or, when that padding exceeds 25% of the payload (as many ranks as
+      matrices), one pipelined broadcast per owner of its exact payload, ``f * sum_r(payload_r) * b``.
     * ours-zero: sync ``2fO4``; RS fp32 of the matrix grads with the same padding (``f W max_r payload_r 4``)
       + the ours-ddp all-gather.
     * ours-fsdp2: FSDP2 sync; LPT owners; all_to_all #1 sends each rank's ``torch.chunk`` dim-0 shard of
@@ -159,7 +161,9 @@ def design_costs(design: str, shapes: Sequence[Shape], other_numel: int, world: 
         sync = ddp_sync if design == "ours-ddp" else others_sync
         owners, payload = _owned(flops, shapes, w)
         per_byte = gather_bytes + (4 if design == "ours-zero" else 0)
-        sent = [f * w * max(payload) * per_byte] * w
+        # all_gather_owned: padded all-gather, or per-owner broadcasts of exact payloads when padding > 25%
+        padded_ok = w * max(payload) <= (1 + MAX_GATHER_PADDING) * sum(payload)
+        sent = [f * (w * max(payload) if padded_ok else sum(payload)) * per_byte] * w
         loads = rank_loads(flops, owners, w)
     elif design == "ours-fsdp2":
         sync = fsdp_sync

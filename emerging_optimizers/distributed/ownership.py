@@ -10,7 +10,12 @@ import heapq
 import math
 from collections.abc import Sequence
 
-__all__ = ["assign_owners", "matrix_ns_flops", "rank_loads", "shard_sizes"]
+__all__ = ["MAX_GATHER_PADDING", "assign_owners", "matrix_ns_flops", "rank_loads", "shard_sizes"]
+
+
+#: Largest share of padding an all-gather of unequal payloads accepts before the payloads are broadcast
+#: exactly, one owner at a time (``comm.all_gather_owned``; the communication model uses the same rule).
+MAX_GATHER_PADDING = 0.25
 
 
 def matrix_ns_flops(m: int, n: int, steps: int = 5, batch: int = 1) -> float:
