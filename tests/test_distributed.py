@@ -83,6 +83,8 @@ def _shard(layout: str, model: nn.Module, world: int) -> nn.Module:
 
     if layout == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    if layout == "zero":  # no wrapper: the optimizer averages the gradients itself (reduce_gradients=True)
+        return model
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
         for m in (model.fc1, model.fc2, model.lm_head):
@@ -132,6 +134,8 @@ def _compare_worker(rank: int, world: int, port: int, errors: Any, layouts: list
 
 
 def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
+    if layout == "zero" and name in SCALAR:
+        return  # the recipe is the matrix optimizers' (MuonAdamW all-reduces its AdamW side itself)
     torch.manual_seed(0)
     ref_model = Net().double()
     model = Net().double()
@@ -146,7 +150,9 @@ def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
         ref_opt.step()
 
     sharded = _shard(layout, model, world)
-    dist_kwargs = {"process_group": dist.group.WORLD} if layout == "ddp" and name not in SCALAR else {}
+    dist_kwargs = {"process_group": dist.group.WORLD} if layout in ("ddp", "zero") and name not in SCALAR else {}
+    if layout == "zero":
+        dist_kwargs["reduce_gradients"] = True
     opt = _make_optimizer(name, model, **dist_kwargs)
     COMM_STATS.reset()
     for tokens in batches:
@@ -155,13 +161,35 @@ def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
         opt.step()
     if name not in SCALAR:
         assert COMM_STATS.total() > 0, f"{layout}/{name}: the matrix work was not shared"
+    if layout == "zero":
+        _check_zero_recipe(name, opt, ref_opt, world)
     for (n, ref), p in zip(ref_model.named_parameters(), model.parameters()):
         got = _full(p.detach())
         torch.testing.assert_close(got, ref.detach(), atol=1e-9, rtol=1e-9,
                                    msg=lambda m, n=n: f"{layout}/{name}/world {world}: {n}: {m}")
 
 
-@pytest.mark.parametrize("world, layouts", [(2, ["ddp", "fsdp", "tp"]), (4, ["ddp", "fsdp", "hsdp", "tp", "fsdp_tp"])],
+def _check_zero_recipe(name: str, opt: Any, ref_opt: Any, world: int) -> None:
+    """Bytes of one all-reduce (2 equal matrices on 2 ranks: no padding); state current after synchronize_state."""
+    if name == "muon" and world == 2:
+        matrix_bytes = (H * D + D * H) * 8
+        per_step = COMM_STATS.total() / STEPS
+        assert per_step == 2 * (world - 1) / world * matrix_bytes, (per_step, COMM_STATS.bytes_sent)
+    with pytest.raises(RuntimeError, match="synchronize_state"):
+        opt.state_dict()
+    opt.synchronize_state()
+    got, want = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+    assert got.keys() == want.keys()
+    for pid in want:
+        for key, value in want[pid].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(got[pid][key], value, atol=1e-9, rtol=1e-9)
+            else:
+                assert got[pid][key] == value, (pid, key)
+
+
+@pytest.mark.parametrize("world, layouts", [(2, ["ddp", "zero", "fsdp", "tp"]),
+                                            (4, ["ddp", "zero", "fsdp", "hsdp", "tp", "fsdp_tp"])],
                          ids=["2ranks", "4ranks"])
 def test_sharded_runs_match_one_process(world: int, layouts: list[str]) -> None:
     run_ranks(_compare_worker, world, layouts, list(OPTIMIZERS), timeout=300)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from emerging_optimizers.distributed.ownership import MAX_GATHER_PADDING
 
-__all__ = ["COMM_STATS", "CommStats", "all_gather_owned", "exchange", "is_dtensor", "local"]
+__all__ = ["COMM_STATS", "CommStats", "all_gather_owned", "exchange", "is_dtensor", "local", "reduce_scatter_owned"]
 
 
 @dataclass
@@ -111,6 +111,59 @@ def all_gather_owned(
             out[i] = buf[offsets[owner] : offsets[owner] + n].view(shape)
             offsets[owner] += n
     return out  # type: ignore[return-value]
+
+
+def reduce_scatter_owned(
+    items: Sequence[tuple[int, torch.Tensor]], group: Any, kind: str = "reduce_scatter"
+) -> list[torch.Tensor | None]:
+    """The mean over ranks of every item's tensor, delivered to the item's owner only (``None`` elsewhere).
+
+    Items are ``(owner, tensor)``, listed in the same order on every rank (the tensors: each rank's own
+    gradients). Per dtype, one ``reduce_scatter_tensor`` of a buffer laid out by owner and padded to the
+    largest payload, or, when padding would exceed :data:`MAX_GATHER_PADDING`, one ``reduce`` per owner.
+    With :func:`all_gather_owned` of the results this moves the bytes of one all-reduce.
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, (_, t) in enumerate(items):
+        by_dtype[t.dtype].append(i)
+    for dtype, idx in by_dtype.items():
+        sizes = [0] * world
+        for i in idx:
+            sizes[items[i][0]] += items[i][1].numel()
+        length = max(sizes)
+        if length == 0:
+            continue
+        device = items[idx[0]][1].device
+        padded = world * length <= (1 + MAX_GATHER_PADDING) * sum(sizes)
+        starts = [r * length for r in range(world)] if padded else [sum(sizes[:r]) for r in range(world)]
+        buf = torch.zeros(world * length if padded else sum(sizes), dtype=dtype, device=device)
+        offsets = list(starts)
+        for i in idx:
+            owner, t = items[i]
+            buf[offsets[owner] : offsets[owner] + t.numel()].copy_(t.reshape(-1))
+            offsets[owner] += t.numel()
+        if padded:
+            mine = torch.empty(length, dtype=dtype, device=device)
+            dist.reduce_scatter_tensor(mine, buf, group=group)
+            COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
+        else:
+            for r in range(world):
+                if sizes[r]:
+                    dst = dist.get_global_rank(group, r) if group is not None else r
+                    dist.reduce(buf[starts[r] : starts[r] + sizes[r]], dst, group=group)
+                    COMM_STATS.add("reduce", sizes[r] * buf.element_size())
+            mine = buf[starts[rank] : starts[rank] + sizes[rank]]
+        mine.div_(world)
+        offset = 0
+        for i in idx:
+            owner, t = items[i]
+            if owner == rank:
+                out[i] = mine[offset : offset + t.numel()].view(t.shape)
+                offset += t.numel()
+    return out
 
 
 def exchange(

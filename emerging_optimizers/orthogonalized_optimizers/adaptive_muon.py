@@ -159,6 +159,7 @@ class AdaptiveMuon(Muon):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._moment2_defaults = {"moment2_method": moment2_method, "beta2": beta2, "eps": eps}
@@ -179,7 +180,7 @@ class AdaptiveMuon(Muon):
             ns_method=ns_method,
             ns_compute_dtype=ns_compute_dtype,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     @property

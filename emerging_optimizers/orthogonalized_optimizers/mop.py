@@ -100,6 +100,7 @@ class MOP(OrthogonalizedOptimizer):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -114,7 +115,7 @@ class MOP(OrthogonalizedOptimizer):
             scale_mode=scale_mode,
             extra_scale_factor=extra_scale_factor,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -191,6 +191,7 @@ class Muon(OrthogonalizedOptimizer):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         if not isinstance(use_syrk, bool):
             raise TypeError(f"Invalid use_syrk: {use_syrk!r}; it must be True or False.")
@@ -215,7 +216,7 @@ class Muon(OrthogonalizedOptimizer):
             stacked_dims=stacked_dims,
             split_sizes=None if split_sizes is None else tuple(split_sizes),
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     # ------------------------------------------------------------------ read-only views of the defaults

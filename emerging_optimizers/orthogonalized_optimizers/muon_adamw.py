@@ -365,6 +365,28 @@ def _named_items(group: dict[str, Any], where: str) -> list[tuple[str | None, to
     return items
 
 
+def _all_reduce_mean(grads: list[torch.Tensor | None], group: Any) -> None:
+    """Average ``grads`` over ``group`` in place: one all-reduce per dtype of a flat buffer (DDP's bytes)."""
+    import torch.distributed as dist
+
+    from emerging_optimizers.distributed.comm import COMM_STATS
+
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, group=group)
+        COMM_STATS.add("all_reduce", 2 * (world - 1) * flat.numel() * flat.element_size() // world)
+        flat.div_(world)
+        offset = 0
+        for g in gs:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 @dataclass
 class _Split:
     """One user group cut into one-side groups, with the options the user set (checked after construction)."""
@@ -411,6 +433,9 @@ class MuonAdamW(EmergingOptimizer):
         process_group, gather_dtype: the matrix side's work shared over the ranks of a data-parallel group
             (replicated parameters; :class:`OrthogonalizedOptimizer`). DTensor (FSDP2) parameters need neither:
             the matrix side assembles whole matrices by itself, the AdamW side steps the local shards.
+        reduce_gradients: the zero-extra-bytes recipe (no DDP wrapper): the matrix side reduce-scatters its
+            gradients to their owners and all-gathers the updates, the AdamW side all-reduces its gradients
+            (docs/distributed.md); call :meth:`synchronize_state` on every rank before saving.
     """
 
     dtensor_support = True
@@ -435,10 +460,11 @@ class MuonAdamW(EmergingOptimizer):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         matrix_cls = _matrix_cls(matrix_optimizer)
-        dist_kwargs = {k: v for k, v in (("process_group", process_group), ("gather_dtype", gather_dtype))
-                       if v is not None}
+        dist_kwargs = {k: v for k, v in (("process_group", process_group), ("gather_dtype", gather_dtype),
+                                         ("reduce_gradients", reduce_gradients or None)) if v is not None}
         missing = sorted(set(dist_kwargs) - set(registry.valid_kwargs(matrix_cls)))
         if missing:
             raise ValueError(f"MuonAdamW: matrix_optimizer {matrix_cls.__name__} does not take {', '.join(missing)}; "
@@ -446,7 +472,8 @@ class MuonAdamW(EmergingOptimizer):
         matrix_kwargs = _check_kwargs("matrix_kwargs", matrix_kwargs, matrix_cls,
                                       {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
                                        "nesterov": "nesterov", "nonfinite": "nonfinite",
-                                       "process_group": "process_group", "gather_dtype": "gather_dtype"})
+                                       "process_group": "process_group", "gather_dtype": "gather_dtype",
+                                       "reduce_gradients": "reduce_gradients"})
         adamw_kwargs = _check_kwargs("adamw_kwargs", adamw_kwargs, AdamW,
                                      {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps",
                                       "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state",
@@ -658,7 +685,21 @@ class MuonAdamW(EmergingOptimizer):
         return self._inner[side]._init_param_state(p, group)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if group["side"] == "adamw" and getattr(self.matrix_optimizer, "reduce_gradients", False):
+            _all_reduce_mean([p.grad for p in params], self.matrix_optimizer.process_group)  # type: ignore[attr-defined]
         self._inner[group["side"]]._step_group(group, params)
+
+    def synchronize_state(self) -> None:
+        """``reduce_gradients=True``: give every rank the matrix owners' state (collective; before saving)."""
+        sync = getattr(self.matrix_optimizer, "synchronize_state", None)
+        if sync is not None:
+            sync()
+
+    def state_dict(self) -> dict[str, Any]:
+        if getattr(self.matrix_optimizer, "_stale_state", False):
+            raise RuntimeError("MuonAdamW(reduce_gradients=True): only each matrix's owner holds its current state; "
+                               "call optimizer.synchronize_state() on every rank before state_dict() or a checkpoint.")
+        return super().state_dict()
 
     def _nonfinite_group(self) -> Any:
         return self._inner["matrix"]._nonfinite_group()

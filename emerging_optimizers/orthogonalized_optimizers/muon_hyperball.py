@@ -82,6 +82,7 @@ class MuonHyperball(Muon):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         # Read by _validate_group while Muon.__init__ builds the defaults and groups.
         self._hyperball_defaults = {"hyperball_radius": hyperball_radius, "hyperball_eps": hyperball_eps}
@@ -106,7 +107,7 @@ class MuonHyperball(Muon):
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     @property

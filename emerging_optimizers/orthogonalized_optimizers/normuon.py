@@ -73,6 +73,7 @@ class NorMuon(AdaptiveMuon):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         super().__init__(
             params, lr, momentum, weight_decay, nesterov=nesterov, weight_decay_method=weight_decay_method,
@@ -81,7 +82,7 @@ class NorMuon(AdaptiveMuon):
             beta2=beta2, eps=eps, custom_coefficient_sets=custom_coefficient_sets,
             weight_update_hook=weight_update_hook, ns_method=ns_method, ns_compute_dtype=ns_compute_dtype,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     def _orthogonalize_params(

@@ -52,7 +52,14 @@ import torch
 import torch.distributed as dist
 
 from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
-from emerging_optimizers.distributed.comm import COMM_STATS, all_gather_owned, exchange, is_dtensor, local
+from emerging_optimizers.distributed.comm import (
+    COMM_STATS,
+    all_gather_owned,
+    exchange,
+    is_dtensor,
+    local,
+    reduce_scatter_owned,
+)
 from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops
 from emerging_optimizers.distributed.sharding import ShardLayout, is_flat_param, shard_layout
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
@@ -96,6 +103,10 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
             docstring); ``None``: every rank does all of them (or, for DTensor parameters, their mesh decides).
         gather_dtype: dtype of the updates sent between ranks (``None``: the update's own, float32 or float64;
             ``torch.bfloat16`` halves the bytes).
+        reduce_gradients: with ``process_group``, the zero-extra-bytes recipe: the model is *not* wrapped in
+            DDP; ``step`` averages each matrix's gradient onto its owner (reduce-scatter), the owner updates
+            the momentum and orthogonalizes, and the updates are all-gathered: the bytes of one all-reduce.
+            Only owners keep current state: call :meth:`synchronize_state` on every rank before saving.
         **kwargs: extra param-group defaults, passed to ``orthogonalize`` with the rest of the group.
     """
 
@@ -119,9 +130,17 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
         **kwargs: Any,
     ) -> None:
         self.process_group = _check_process_group(process_group, type(self).__name__)
+        if not isinstance(reduce_gradients, bool):
+            raise TypeError(f"Invalid reduce_gradients: {reduce_gradients!r}; it must be True or False.")
+        if reduce_gradients and process_group is None:
+            raise ValueError(f"{type(self).__name__}(reduce_gradients=True) averages the gradients over a "
+                             "process_group; pass process_group= (e.g. torch.distributed.group.WORLD).")
+        self.reduce_gradients = reduce_gradients
+        self._stale_state = False  # reduce_gradients: non-owners' state lags until synchronize_state()
         if gather_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Invalid gather_dtype: {gather_dtype!r}; use None (the update's dtype), torch.float32 "
                              "or torch.bfloat16.")
@@ -300,9 +319,20 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         """``process_group`` mode: each rank orthogonalizes its own matrices; one all-gather shares them."""
         pg = self.process_group
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-        directions = [self._momentum_direction(p, group) for p in params]
         owners = assign_owners([self._ns_cost(p, group) for p in params], world)
         mine = [i for i, o in enumerate(owners) if o == rank]
+        if self.reduce_gradients:  # owners get the mean gradient; the others only decay their copy
+            for i, g in enumerate(reduce_scatter_owned([(o, local(p.grad)) for o, p in zip(owners, params)], pg)):
+                if g is not None:
+                    params[i].grad = g
+            for i, p in enumerate(params):
+                self._owners[id(p)] = (p, owners[i])
+                if owners[i] != rank:
+                    apply_weight_decay(p, p.grad, group["weight_decay_method"], group["lr"], group["weight_decay"])
+                    self.state[p]["step"] += 1
+            self._stale_state = True
+        directions = {i: self._momentum_direction(params[i], group) for i in
+                      (mine if self.reduce_gradients else range(len(params)))}
         own_updates = dict(zip(mine, self._orthogonalize_many(group, [params[i] for i in mine],
                                                               [directions[i] for i in mine])))
         items = []
@@ -319,6 +349,38 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
             for key in self.orth_state_keys:
                 self.state[p][key].copy_(next(gathered))
             self._apply_update(p, update, group["lr"])
+
+    @property
+    def _owners(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """``id(p) -> (p, owner rank)`` of the last ``reduce_gradients`` step (for :meth:`synchronize_state`)."""
+        return self.__dict__.setdefault("_owner_map", {})
+
+    def synchronize_state(self) -> None:
+        """``reduce_gradients``: copy every owner's state to all ranks (a collective: call it on every rank).
+
+        Afterwards the state is identical on every rank, as ``state_dict()`` and torch.distributed.checkpoint
+        need; a no-op otherwise.
+        """
+        if not self._stale_state:
+            return
+        items, targets = [], []
+        rank = dist.get_rank(self.process_group)
+        for p, owner in self._owners.values():
+            for key, value in self.state[p].items():
+                if isinstance(value, torch.Tensor):
+                    items.append((owner, value if owner == rank else None, value.shape, value.dtype))
+                    targets.append((p, key))
+        for (p, key), value in zip(targets, all_gather_owned(items, self.process_group, kind="synchronize_state")):
+            self.state[p][key].copy_(value)
+        self._stale_state = False
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._stale_state:
+            raise RuntimeError(
+                f"{type(self).__name__}(reduce_gradients=True): only each matrix's owner holds its current state; "
+                "call optimizer.synchronize_state() on every rank before state_dict() or a checkpoint."
+            )
+        return super().state_dict()
 
     @contextlib.contextmanager
     def _state_swapped(self, p: torch.Tensor, values: dict[str, torch.Tensor]) -> Iterator[None]:

@@ -203,6 +203,7 @@ class PolarGrad(OrthogonalizedOptimizer):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -219,7 +220,7 @@ class PolarGrad(OrthogonalizedOptimizer):
             extra_scale_factor=extra_scale_factor,
             custom_coefficient_sets=custom_coefficient_sets,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

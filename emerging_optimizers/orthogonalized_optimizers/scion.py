@@ -92,6 +92,7 @@ class Scion(Muon):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         self._spectral_radius_default = spectral_radius  # read by _validate_group during Muon.__init__
         super().__init__(
@@ -113,7 +114,7 @@ class Scion(Muon):
             stacked_dims=stacked_dims,
             split_sizes=split_sizes,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     @property

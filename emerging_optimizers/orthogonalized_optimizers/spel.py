@@ -87,6 +87,7 @@ class Spel(OrthogonalizedOptimizer):
         nonfinite: NonfiniteT = "skip",
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
+        reduce_gradients: bool = False,
     ) -> None:
         self._active_group: dict[str, Any] | None = None
         super().__init__(
@@ -103,7 +104,7 @@ class Spel(OrthogonalizedOptimizer):
             num_ns_steps=num_ns_steps,
             custom_coefficient_sets=custom_coefficient_sets,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, process_group=process_group,
-            gather_dtype=gather_dtype,
+            gather_dtype=gather_dtype, reduce_gradients=reduce_gradients,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
