@@ -579,12 +579,13 @@ def _check_process_group(group: Any, who: str) -> Any:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{who}(process_group=...): torch.distributed is not initialized; call "
                          "torch.distributed.init_process_group first (or pass process_group=None).")
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, dist.ProcessGroup)
+                                                      and dist.get_rank(group) < 0):
+        raise ValueError(f"{who}: process_group does not contain this rank (global rank {dist.get_rank()}); build "
+                         "the optimizer on the group's members only, with a group they all belong to.")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{who}: process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
                         f"dist.new_group(ranks)), got {type(group).__name__}.")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"{who}: process_group does not contain this rank (global rank {dist.get_rank()}); build "
-                         "the optimizer on the group's members only, with a group they all belong to.")
     return group
 
 
