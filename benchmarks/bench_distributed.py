@@ -266,7 +266,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per variant (median)")
+    ap.add_argument("--steps", type=int, default=7, help="measured steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)

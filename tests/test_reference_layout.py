@@ -402,6 +402,8 @@ def _tp_worker(rank: int, world: int, port: int, errors) -> None:
                                                    tp_mode="distributed")
                 # the Gram matrix is summed over ranks in another order than one process sums it: rounding only
                 torch.testing.assert_close(dist, want, rtol=0, atol=2e-5)
+                alias = muon_utils.newton_schulz_tp(shard, 5, "quintic", group, partition_dim=dim, mode="distributed")
+                assert torch.equal(alias, dist)  # ``mode=`` is a keyword alias of ``tp_mode``
             # distributed_normalize_p2: the whole matrix's Frobenius norm
             shard = full.chunk(world, dim=1)[rank]
             normed = muon_utils.distributed_normalize_p2(shard, 1e-15, group)

@@ -708,8 +708,12 @@ def newton_schulz_tp(
     partition_dim: int | None = None,
     tp_mode: Literal["duplicated", "distributed"] = "duplicated",
     use_syrk: bool = False,
+    *,
+    mode: Literal["duplicated", "distributed"] | None = None,
 ) -> torch.Tensor:
     """Newton-Schulz of a matrix sharded over a tensor-parallel group; returns this rank's shard.
+
+    ``mode`` is a keyword-only alias of ``tp_mode`` (the reference library's name is ``tp_mode``).
 
     ``x`` is this rank's shard, split along ``partition_dim`` (``None``: not sharded, plain
     :func:`newton_schulz`). ``tp_mode``:
@@ -721,6 +725,10 @@ def newton_schulz_tp(
 
     Shards must be equal (``torch.chunk`` layout).
     """
+    if mode is not None:
+        if tp_mode != "duplicated" and tp_mode != mode:
+            raise ValueError(f"newton_schulz_tp got tp_mode={tp_mode!r} and mode={mode!r}; give one of them.")
+        tp_mode = mode
     if partition_dim is None:
         return newton_schulz(x, steps, coefficient_type, use_syrk=use_syrk)
     if tp_mode not in ("duplicated", "distributed"):
