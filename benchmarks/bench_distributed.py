@@ -226,7 +226,7 @@ def run_world(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(row["error"], flush=True)
                 break
             rows.append(row)
-            what = ("over cap (warm-up step %.1f s)" % row["warm_s"] if row["over_cap"] else
+            what = (f"over cap (warm-up step {row['warm_s']:.1f} s)" if row["over_cap"] else
                     f"opt {row['opt_ms']:.1f} ms, fwd+bwd {row['fb_ms']:.1f} ms ({row['steps']} steps)")
             print(f"  W={world} {row['variant']:<17} {what}", flush=True)
     finally:
@@ -249,17 +249,18 @@ def cpu_model() -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| variant | W | opt ms | fwd+bwd ms | opt MB/step | sync MB/step | total MB/step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | W | steps | opt ms | fwd+bwd ms | opt MB/step | sync MB/step | total MB/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["world"])):
         head = f"| {r['variant']} | {r['world']} |"
         if r.get("missing"):
-            lines.append(head + " failed or timed out | | | | |")
+            lines.append(head + " | failed or timed out | | | | |")
         elif r["over_cap"]:
-            lines.append(head + f" over cap ({r['warm_s']:.1f} s/step) | | | | |")
+            lines.append(head + f" 0 | over cap (warm-up step {r['warm_s']:.1f} s) | | | | |")
         else:
             ob, sb = r["opt_bytes"] / 1e6, r["sync_bytes"] / 1e6
-            lines.append(head + f" {r['opt_ms']:.1f} | {r['fb_ms']:.1f} | {ob:.3f} | {sb:.3f} | {ob + sb:.3f} |")
+            lines.append(head + f" {r['steps']} | {r['opt_ms']:.1f} | {r['fb_ms']:.1f} | {ob:.3f} | {sb:.3f} "
+                                f"| {ob + sb:.3f} |")
     return lines
 
 

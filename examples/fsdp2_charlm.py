@@ -4,8 +4,8 @@ Launch (CPU: gloo; with CUDA: nccl, one GPU per local rank)::
 
     torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 50
     torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 50 --ddp
-    torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 50 --ckpt /tmp/charlm
-    torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 100 --resume /tmp/charlm
+    torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 50 --stop-at 25 --ckpt /tmp/charlm
+    torchrun --standalone --nproc-per-node 2 examples/fsdp2_charlm.py --steps 50 --resume /tmp/charlm
 
 FSDP2 (default): each transformer block, then the root, is ``fully_shard``-ed, so every parameter is a
 DTensor sharded on dim 0. ``MuonAdamW(model)`` detects that by itself: each hidden matrix is assembled on one
@@ -16,8 +16,8 @@ the matrices it owns and one all-gather shares the updates.
 Data, model and lr schedule are the ``charlm-shakespeare`` task's (``emopt compare``). Every rank draws the
 same global batch (same sampler seed) and trains on its own slice of it. ``--ckpt DIR`` saves model and
 optimizer at the end (or after ``--stop-at N`` steps) with torch.distributed.checkpoint; ``--resume DIR``
-loads them and continues up to ``--steps``: ``--stop-at 20 --ckpt D`` then ``--resume D`` trains exactly like
-one run (the lr schedule always spans ``--steps``).
+loads them and continues up to ``--steps``: the last two commands train exactly like the first (the lr
+schedule always spans ``--steps``, so keep it the same when resuming).
 """
 
 from __future__ import annotations

@@ -193,3 +193,70 @@ def _check_zero_recipe(name: str, opt: Any, ref_opt: Any, world: int) -> None:
                          ids=["2ranks", "4ranks"])
 def test_sharded_runs_match_one_process(world: int, layouts: list[str]) -> None:
     run_ranks(_compare_worker, world, layouts, list(OPTIMIZERS), timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------- every optimizer, DDP
+#: Eigenbasis optimizers whose result moves by up to ~1e-5 in one process when the gradients move by 1e-15
+#: relative (measured: soap 3e-7, rekls 8e-6 after 3 steps): a split batch's rounding does the same.
+_EIGENBASIS = {"soap", "kl_soap", "rekls", "rekls_v3", "stacked_soap"}
+_EIGENBASIS_TOL = 1e-4
+#: kl_m_soap moves by 1.7 (!) after 3 steps under a 1e-15 relative gradient perturbation in one process, so no
+#: two runs that round differently agree; only the ranks' agreement is checked (its sensitivity is a known
+#: defect, noted for the Kronecker family's maintainers).
+_ROUNDING_CHAOTIC = {"kl_m_soap"}
+def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -> None:
+    from contract_cases import CASES
+
+    failures = []
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        g = torch.Generator().manual_seed(3)
+        # 32 samples a step: full-rank gradients. With fewer samples than a matrix's dims, eigenbases (SOAP,
+        # Shampoo) and polar factors (MOP) are not unique on the null space, and two runs that differ by
+        # rounding (split batch vs whole batch) may legitimately pick different ones.
+        data = [(torch.randn(32, 12, generator=g, dtype=torch.float64), torch.randn(32, 12, generator=g,
+                                                                                   dtype=torch.float64))
+                for _ in range(STEPS)]
+        for case in {c.id.split("-")[0]: c for c in reversed(CASES)}.values():  # one case per optimizer
+            try:
+                runs = []
+                for wrapped in (False, True):
+                    torch.manual_seed(0)
+                    model = nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12)).double()  # square
+                    if case.matrix_only:
+                        for m in (model[0], model[2]):
+                            m.bias.requires_grad_(False)
+                    net = nn.parallel.DistributedDataParallel(model) if wrapped else model
+                    opt = case.build([p for p in model.parameters() if p.requires_grad], **{case.lr_arg: case.lr})
+                    for x, y in data:
+                        if wrapped:
+                            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+                        opt.zero_grad()
+                        nn.functional.mse_loss(net(x), y).backward()
+                        opt.step()
+                    runs.append([p.detach().clone() for p in model.parameters()])
+                mine = torch.cat([p.reshape(-1) for p in runs[1]])
+                others = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(others, mine)
+                assert all(torch.equal(o, mine) for o in others), "ranks disagree"  # DDP: identical steps
+                name = case.id.split("-")[0]
+                if name in _ROUNDING_CHAOTIC:
+                    continue
+                tol = _EIGENBASIS_TOL if name in _EIGENBASIS else 1e-9
+                for a, b in zip(*runs):
+                    torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+            except Exception:
+                failures.append(f"{case.id}: {traceback.format_exc()}")
+        if failures:
+            errors.put(f"rank {rank}:\n" + "\n".join(failures))
+    except Exception:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_every_optimizer_works_unchanged_under_ddp() -> None:
+    """DDP (2 ranks, half the batch each) gives every optimizer the parameters of one process on the whole batch."""
+    run_ranks(_ddp_every_optimizer_worker, 2, timeout=300)
