@@ -177,7 +177,6 @@ def exchange(
     One ``all_to_all_single`` per dtype (uneven splits allowed). Returns, per source rank, the received
     tensors in order, with the shapes of ``recv``.
     """
-    world = dist.get_world_size(group)
     dtypes = sorted({t.dtype for ts in send for t in ts} | {d for rs in recv for _, d in rs}, key=str)
     received: list[list[torch.Tensor | None]] = [[None] * len(rs) for rs in recv]
     device = next((t.device for ts in send for t in ts), None) or _default_device(group)

@@ -26,8 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from emerging_optimizers.distributed.ownership import MAX_GATHER_PADDING
-from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops, rank_loads, shard_sizes
+from emerging_optimizers.distributed.ownership import (
+    MAX_GATHER_PADDING,
+    assign_owners,
+    matrix_ns_flops,
+    rank_loads,
+    shard_sizes,
+)
 
 __all__ = ["DESIGNS", "design_costs", "gpt_shapes", "table"]
 

@@ -24,8 +24,8 @@ def matrix_ns_flops(m: int, n: int, steps: int = 5, batch: int = 1) -> float:
     With ``s = min(m, n)``, ``l = max(m, n)`` one iteration is ``A = X X^T`` (``2 s^2 l``), ``B = bA + cA^2``
     (``2 s^3``) and ``X <- aX + BX`` (``2 s^2 l``): ``4 s^2 l + 2 s^3`` (element-wise terms ignored).
     """
-    s, l = min(m, n), max(m, n)
-    return float(batch * steps * (4 * s * s * l + 2 * s**3))
+    short, long = min(m, n), max(m, n)
+    return float(batch * steps * (4 * short * short * long + 2 * short**3))
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:

@@ -357,9 +357,9 @@ def _named_items(group: dict[str, Any], where: str) -> list[tuple[str | None, to
             raise TypeError(f"{where} holds a {type(p).__name__}; optimizers take tensors (or (name, tensor) pairs).")
         if is_flat_param(p):
             raise ValueError(
-                f"MuonAdamW got an FSDP1 FlatParameter {name or ''!r} of shape {tuple(p.shape)} (FullyShardedDataParallel "
-                "with use_orig_params=False): every weight is flattened into one 1-D shard, so no matrix would reach "
-                "the matrix side (silently training as AdamW). Shard the model with FSDP2 "
+                f"MuonAdamW got an FSDP1 FlatParameter {name or ''!r} of shape {tuple(p.shape)} "
+                "(FullyShardedDataParallel with use_orig_params=False): every weight is flattened into one 1-D shard, "
+                "so no matrix would reach the matrix side (silently training as AdamW). Shard the model with FSDP2 "
                 "(torch.distributed.fsdp.fully_shard): its DTensor parameters keep their shapes."
             )
     return items

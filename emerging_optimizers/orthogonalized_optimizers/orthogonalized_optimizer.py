@@ -434,7 +434,7 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
 
     def _step_gathered(self, group: dict[str, Any], params: list[torch.Tensor], directions: list[torch.Tensor],
                        idx: list[int], updates: list[torch.Tensor | None]) -> None:
-        """Shardings over several mesh dims: every rank gathers the whole matrix (``full_tensor``) and keeps its part."""
+        """Sharded over several mesh dims: every rank gathers the whole matrix (``full_tensor``), keeps its part."""
         from torch.distributed.tensor import DTensor, Replicate
 
         def full(x: torch.Tensor, like: Any) -> torch.Tensor:
