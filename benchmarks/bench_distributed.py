@@ -14,8 +14,11 @@ random tokens, 4 sequences per rank, in turn with:
 
 ("muon" variants: Muon on the hidden matrices, AdamW on embeddings, head, norms and biases, as one trains.)
 
+All variants of a world live in the same processes: each is built and warmed up (``--warmup`` steps), then
+``--steps`` rounds run one step of every variant in turn, so load on a shared machine hits them alike.
+
 Columns, per rank and step: ``opt ms``: ``optimizer.step()`` (ranks aligned by a barrier first; the slowest
-rank's time; median over ``--steps`` steps after ``--warmup``); ``fwd+bwd ms``: forward + backward (with the
+rank's time; median over the measured steps); ``fwd+bwd ms``: forward + backward (with the
 gradient sync), same statistic; ``opt MB``: bytes the optimizer's own collectives sent (``COMM_STATS``, mean over
 ranks); ``sync MB``: gradient synchronisation, ring model: DDP counts each bucket in a comm hook (``2 (W-1)/W``
 of its bytes, then the usual all-reduce); FSDP2 is computed from the parameter bytes (dim-0 shards padded to
@@ -25,8 +28,9 @@ gradients. The FSDP2 figure is checked against the bytes of FSDP2's actual colle
 differ). MB = 1e6 bytes.
 
 On a machine with fewer cores than ``W`` the ranks share cores: times then include the oversubscription (the
-header prints the core count). Each variant is capped at ``--cap-s`` seconds (fewer measured steps when the
-warm-up says the cap would be exceeded; "over cap" when even one step is).
+header prints the core count). Each variant is capped at ``--cap-s`` seconds of its own (build, warm-up and
+steps): it stops measuring when its next step would pass the cap ("over cap" when the warm-up already does);
+a world whose ranks have not finished by 60 s + the caps is killed and its rows reported as timed out.
 
     python benchmarks/bench_distributed.py                        # W = 1 2 4, 4 blocks of 256
     python benchmarks/bench_distributed.py --worlds 2 --steps 10 --d-model 512 --layers 6 --out dist.md
@@ -137,46 +141,72 @@ def slowest(seconds: float) -> float:
     return float(t)
 
 
-def run_variant(variant: str, args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    model, opt, counter = build(variant, args, world)
-    gen = torch.Generator().manual_seed(rank)
-    tokens = torch.randint(0, VOCAB, (BATCH_PER_RANK, CONTEXT + 1), generator=gen)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+class Bench:
+    """One variant on this rank: model, optimizer, this rank's batch, the time it has used, its measurements."""
 
-    def step() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        t1 = time.perf_counter()
-        dist.barrier()  # every rank starts the optimizer step together
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        return slowest(t3 - t2), slowest(t1 - t0)
+    def __init__(self, variant: str, args: argparse.Namespace, rank: int, world: int) -> None:
+        started = time.perf_counter()
+        self.variant, self.world = variant, world
+        self.model, self.opt, self.counter = build(variant, args, world)
+        tokens = torch.randint(0, VOCAB, (BATCH_PER_RANK, CONTEXT + 1), generator=torch.Generator().manual_seed(rank))
+        self.x, self.y = tokens[:, :-1], tokens[:, 1:]
+        self.times: list[tuple[float, float]] = []
+        self.fsdp_bytes = self.opt_bytes = 0.0
+        self.used = slowest(time.perf_counter() - started)  # seconds against the cap (build + every step)
 
-    warm = 0.0
-    for _ in range(args.warmup):
-        t_opt, t_fb = step()
-        warm = max(warm, t_opt + t_fb)
-    left = args.cap_s - slowest(time.perf_counter() - started)
-    n = min(args.steps, int(left / max(warm, 1e-9)))  # the same on every rank: all its inputs were reduced
-    if n < 1:
-        return {"variant": variant, "world": world, "over_cap": True, "warm_s": warm}
-    COMM_STATS.reset()
-    counter["sync"] = 0.0
-    with CollectiveCounter(world) as fsdp_counter:
-        times = [step() for _ in range(n)]
-    opt_bytes = torch.tensor([COMM_STATS.total() / n], dtype=torch.float64)
-    dist.all_reduce(opt_bytes)
-    if variant.startswith("fsdp2"):
-        sync, measured = fsdp2_sync_bytes(model, world), fsdp_counter.bytes / n
-    else:
-        sync = measured = counter["sync"] / n
-    return {"variant": variant, "world": world, "over_cap": False, "steps": n,
-            "opt_ms": 1e3 * statistics.median(t for t, _ in times),
-            "fb_ms": 1e3 * statistics.median(t for _, t in times),
-            "opt_bytes": float(opt_bytes) / world, "sync_bytes": sync, "sync_measured": measured}
+    def step(self, measure: bool) -> float:
+        """One training step; returns its wall time (the slowest rank's)."""
+        COMM_STATS.reset()
+        with CollectiveCounter(self.world) as fsdp_counter:
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x).flatten(0, 1), self.y.flatten()).backward()
+            t1 = time.perf_counter()
+            dist.barrier()  # every rank starts the optimizer step together
+            t2 = time.perf_counter()
+            self.opt.step()
+            t3 = time.perf_counter()
+        t_opt, t_fb = slowest(t3 - t2), slowest(t1 - t0)
+        if measure:
+            self.times.append((t_opt, t_fb))
+            self.opt_bytes += COMM_STATS.total()
+            self.fsdp_bytes += fsdp_counter.bytes
+        else:
+            self.counter["sync"] = 0.0
+        self.used += t_opt + t_fb
+        return t_opt + t_fb
+
+    def row(self, warm: float) -> dict[str, Any]:
+        n = len(self.times)
+        if n == 0:
+            return {"variant": self.variant, "world": self.world, "over_cap": True, "warm_s": warm}
+        opt_bytes = torch.tensor([self.opt_bytes / n], dtype=torch.float64)
+        dist.all_reduce(opt_bytes)
+        if self.variant.startswith("fsdp2"):
+            sync, measured = fsdp2_sync_bytes(self.model, self.world), self.fsdp_bytes / n
+        else:
+            sync = measured = self.counter["sync"] / n
+        return {"variant": self.variant, "world": self.world, "over_cap": False, "steps": n,
+                "opt_ms": 1e3 * statistics.median(t for t, _ in self.times),
+                "fb_ms": 1e3 * statistics.median(t for _, t in self.times),
+                "opt_bytes": float(opt_bytes) / self.world, "sync_bytes": sync, "sync_measured": measured}
+
+
+def run_all(args: argparse.Namespace, rank: int, world: int) -> list[dict[str, Any]]:
+    """Every variant built, warmed up, then ``--steps`` rounds of one step each (interleaved: load on a shared
+    machine hits them alike). A variant stops when its next step would pass ``--cap-s``; every decision uses
+    times reduced over the ranks, so all ranks take it alike."""
+    benches, warm = [], {}
+    for v in args.variants:
+        benches.append(b := Bench(v, args, rank, world))
+        warm[v] = max(b.step(measure=False) for _ in range(args.warmup))
+        if rank == 0:
+            print(f"  W={world} {v:<17} built, warm-up step {warm[v]:.2f} s", flush=True)
+    for _ in range(args.steps):
+        for b in benches:
+            if b.used + warm[b.variant] <= args.cap_s:
+                b.step(measure=True)
+    return [b.row(warm[b.variant]) for b in benches]
 
 
 def worker(rank: int, world: int, port: int, results: Any, args: argparse.Namespace) -> None:
@@ -185,11 +215,9 @@ def worker(rank: int, world: int, port: int, results: Any, args: argparse.Namesp
         # torch >= 2.10 deprecates all_gather_into_tensor (the library's all-gather): once per rank is enough noise
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        for variant in args.variants:
-            row = run_variant(variant, args, rank, world)
+        for row in run_all(args, rank, world):
             if rank == 0:
                 results.put(row)
-            dist.barrier()
     except Exception:
         results.put({"error": f"rank {rank} of {world}:\n{traceback.format_exc()}"})
     finally:
@@ -268,13 +296,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=7, help="measured steps per variant (median)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant first (>= 1)")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--cap-s", type=float, default=20.0, help="time cap per variant and world (seconds)")
     ap.add_argument("--out", metavar="FILE.md", help="also write the header and table here (Markdown)")
     args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1 (its step time drives the cap)")
 
     n_params = sum(p.numel() for p in CharTransformer(VOCAB, context=CONTEXT, dim=args.d_model,
                                                       depth=args.layers).parameters())
