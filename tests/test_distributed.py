@@ -175,6 +175,13 @@ def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
         got = _full(p.detach())
         torch.testing.assert_close(got, ref.detach(), atol=tol, rtol=tol,
                                    msg=lambda m, n=n: f"{layout}/{name}/world {world}: {n}: {m}")
+    if layout == "ddp" and name not in SCALAR:  # the optimizer state is identical on every rank, bit for bit
+        state = opt.state_dict()["state"]
+        flat = torch.cat([v.reshape(-1).double() for pid in sorted(state) for v in state[pid].values()
+                          if isinstance(v, torch.Tensor)])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(g, flat) for g in gathered), f"{name}: optimizer state differs between ranks"
     if layout == "ddp_bf16":  # every rank applied the same rounded updates
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
