@@ -3,7 +3,7 @@
 For each world size (``--worlds``, default 1 2 4) the script spawns that many CPU processes (gloo over
 loopback, one thread each) and trains a GPT-like model (``emopt``'s ``CharTransformer``: ``--layers`` pre-norm
 blocks of width ``--d-model`` with fused QKV and a 4x MLP, a 256-token vocabulary, context 64, untied head) on
-random tokens, 4 sequences per rank, in turn with:
+random tokens, 4 sequences per rank, with each of:
 
 * ``ddp+muon``          DDP + ``MuonAdamW(matrix_optimizer="muon")``, no process_group: every rank runs every NS;
 * ``ddp+muon pg``       the same with ``process_group=WORLD``: each rank its own matrices, one all-gather;

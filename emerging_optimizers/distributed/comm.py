@@ -96,7 +96,7 @@ def all_gather_owned(
                 buf[offset : offset + n].copy_(tensor.reshape(-1))
                 offset += n
         if padded:
-            dist.all_gather_into_tensor(buf, buf[starts[rank] : starts[rank] + length].clone(), group=group)
+            _all_gather_flat(buf, buf[starts[rank] : starts[rank] + length].clone(), group)
             COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
         else:
             for r in range(world):
@@ -147,7 +147,7 @@ def reduce_scatter_owned(
             offsets[owner] += t.numel()
         if padded:
             mine = torch.empty(length, dtype=dtype, device=device)
-            dist.reduce_scatter_tensor(mine, buf, group=group)
+            _reduce_scatter_flat(mine, buf, group)
             COMM_STATS.add(kind, (world - 1) * length * buf.element_size())
         else:
             for r in range(world):
@@ -199,6 +199,18 @@ def exchange(
                 received[r][j] = out[offset : offset + n].view(shape)
                 offset += n
     return received  # type: ignore[return-value]
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    """``all_gather_single`` (newer torch's name) or ``all_gather_into_tensor`` (older torch)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+def _reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    """``reduce_scatter_single`` or, on older torch, ``reduce_scatter_tensor`` (a sum)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp, group=group)
 
 
 def _default_device(group: Any) -> torch.device:

@@ -74,8 +74,8 @@ def shard_layout(p: torch.Tensor) -> ShardLayout | str | None:
         return None
     placements = p.placements  # type: ignore[attr-defined]
     sharded = [i for i, pl in enumerate(placements) if _is_shard(pl)]
-    if not sharded:
-        return None
+    if not sharded or all(p.device_mesh.size(i) == 1 for i in sharded):  # type: ignore[attr-defined]
+        return None  # the local tensor is the whole matrix (e.g. FSDP2 on one rank)
     if len(sharded) > 1 or type(placements[sharded[0]]).__name__ != "Shard":
         return "gather"
     mesh = p.device_mesh  # type: ignore[attr-defined]
