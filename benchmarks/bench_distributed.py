@@ -8,6 +8,9 @@ random tokens, 4 sequences per rank, with each of:
 * ``ddp+muon``          DDP + ``MuonAdamW(matrix_optimizer="muon")``, no process_group: every rank runs every NS;
 * ``ddp+muon pg``       the same with ``process_group=WORLD``: each rank its own matrices, one all-gather;
 * ``ddp+muon pg bf16``  ... and ``gather_dtype=torch.bfloat16``;
+* ``zero+muon``         no DDP wrapper: ``MuonAdamW(..., process_group=WORLD, reduce_gradients=True)`` (the
+                        zero-extra-bytes recipe: reduce-scatter of matrix grads, all-gather of updates, all-reduce of
+                        the AdamW side's grads, all counted as the optimizer's bytes);
 * ``fsdp2+muon``        FSDP2 (``fully_shard`` per block, then the root) + ``MuonAdamW(matrix_optimizer="muon")``;
 * ``fsdp2+adamw``       FSDP2 + ``eo.AdamW`` (local shards, no optimizer communication);
 * ``ddp+adamw``         DDP + ``eo.AdamW``.
@@ -60,7 +63,7 @@ import emerging_optimizers as eo
 from emerging_optimizers.cli.models import CharTransformer
 from emerging_optimizers.distributed import COMM_STATS
 
-VARIANTS = ("ddp+muon", "ddp+muon pg", "ddp+muon pg bf16", "fsdp2+muon", "fsdp2+adamw", "ddp+adamw")
+VARIANTS = ("ddp+muon", "ddp+muon pg", "ddp+muon pg bf16", "zero+muon", "fsdp2+muon", "fsdp2+adamw", "ddp+adamw")
 VOCAB, CONTEXT, BATCH_PER_RANK = 256, 64, 4
 
 
@@ -78,6 +81,8 @@ def build(variant: str, args: argparse.Namespace, world: int) -> tuple[torch.nn.
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
+    elif variant.startswith("zero"):
+        wrapped = model  # the optimizer averages the gradients itself
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
 
@@ -91,8 +96,10 @@ def build(variant: str, args: argparse.Namespace, world: int) -> tuple[torch.nn.
         opt = eo.AdamW(model.parameters(), lr=1e-3)
     else:
         dist_kwargs: dict[str, Any] = {}
-        if " pg" in variant:
+        if " pg" in variant or variant.startswith("zero"):
             dist_kwargs["process_group"] = dist.group.WORLD
+        if variant.startswith("zero"):
+            dist_kwargs["reduce_gradients"] = True
         if variant.endswith("bf16"):
             dist_kwargs["gather_dtype"] = torch.bfloat16
         opt = eo.MuonAdamW(model, matrix_optimizer="muon", **dist_kwargs)

@@ -28,6 +28,8 @@ import emerging_optimizers as eo
 from emerging_optimizers.distributed import COMM_STATS
 from emerging_optimizers.orthogonalized_optimizers import AdaptiveMuon
 
+pytestmark = pytest.mark.distributed  # starts real processes
+
 VOCAB, D, H, BATCH, SEQ, STEPS = 26, 18, 24, 8, 6, 3
 
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from contract_cases import CASES
@@ -29,6 +30,8 @@ from distributed_helpers import run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
+
+pytestmark = pytest.mark.distributed  # starts real processes
 
 STEPS_BEFORE, STEPS_AFTER = 2, 2
 #: One contract case per optimizer name (the first, with its default options).
