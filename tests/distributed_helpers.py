@@ -7,9 +7,11 @@ group in a ``finally``). The test fails with every rank's traceback, or when a r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -50,3 +52,21 @@ def run_ranks(worker: Callable[..., None], world: int, *args: Any, timeout: floa
         failures.append(errors.get())
     assert not failures, "\n".join(failures)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int, errors: Any) -> Iterator[None]:
+    """The body of a worker: one thread, a gloo process group on loopback, any failure reported on ``errors``
+    (with the rank), and the group destroyed whatever happens."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        yield
+    except Exception:
+        errors.put(f"rank {rank} of {world}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

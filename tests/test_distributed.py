@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import run_ranks
+from distributed_helpers import gloo_rank, run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
@@ -122,17 +122,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _compare_worker(rank: int, world: int, port: int, errors: Any, layouts: list[str], names: list[str]) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with gloo_rank(rank, world, port, errors):
         for layout in layouts:
             for name in names:
                 _compare_one(layout, name, rank, world)
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
@@ -230,9 +223,7 @@ def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -
     from contract_cases import CASES
 
     failures = []
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with gloo_rank(rank, world, port, errors):
         g = torch.Generator().manual_seed(3)
         # 32 samples a step: full-rank gradients. With fewer samples than a matrix's dims, eigenbases (SOAP,
         # Shampoo) and polar factors (MOP) are not unique on the null space, and two runs that differ by
@@ -270,13 +261,7 @@ def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -
                     torch.testing.assert_close(b, a, atol=tol, rtol=tol)
             except Exception:
                 failures.append(f"{case.id}: {traceback.format_exc()}")
-        if failures:
-            errors.put(f"rank {rank}:\n" + "\n".join(failures))
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        assert not failures, "\n".join(failures)
 
 
 def test_every_optimizer_works_unchanged_under_ddp() -> None:

@@ -24,9 +24,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from contract_cases import CASES
-from distributed_helpers import run_ranks
+from distributed_helpers import gloo_rank, run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
@@ -99,9 +98,7 @@ def _save_worker(rank: int, world: int, port: int, errors: Any, root: str) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with gloo_rank(rank, world, port, errors):
         batches = _batches()
         for name in NAMES:
             model, opt, fsdp = _setup(name, 0, world, rank)
@@ -112,11 +109,6 @@ def _save_worker(rank: int, world: int, port: int, errors: Any, root: str) -> No
             final = _full_params(model)
             if rank == 0:
                 torch.save(final, Path(root) / f"{name}.expected.pt")
-    except Exception:
-        errors.put(f"rank {rank} ({name}):\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _load_worker(rank: int, world: int, port: int, errors: Any, root: str) -> None:
@@ -124,9 +116,7 @@ def _load_worker(rank: int, world: int, port: int, errors: Any, root: str) -> No
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     failures = []
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with gloo_rank(rank, world, port, errors):
         batches = _batches()
         for name in NAMES:
             try:
@@ -142,13 +132,7 @@ def _load_worker(rank: int, world: int, port: int, errors: Any, root: str) -> No
                                                msg=lambda m, i=i, name=name: f"{name} param {i} ({world} ranks): {m}")
             except Exception:
                 failures.append(f"{name}: {traceback.format_exc()}")
-        if failures:
-            errors.put(f"rank {rank}, world {world}:\n" + "\n".join(failures))
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        assert not failures, "\n".join(failures)
 
 
 def test_checkpoint_saved_on_2_ranks_resumes_on_1_and_4(tmp_path: Path) -> None:

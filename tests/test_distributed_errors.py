@@ -5,13 +5,12 @@ The multi-process cases run in one 2-rank launch (gloo, loopback) that checks ev
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import run_ranks
+from distributed_helpers import gloo_rank, run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
@@ -74,15 +73,8 @@ def _expect(exc: type[Exception], match: str, fn: Any) -> None:
 
 
 def _errors_worker(rank: int, world: int, port: int, errors: Any) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with gloo_rank(rank, world, port, errors):
         _check_errors(rank)
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _check_errors(rank: int) -> None:

@@ -84,9 +84,8 @@ def all_gather_owned(
             continue
         if device is None:  # this rank owns nothing of this dtype: any tensor of the group tells the device
             device = _default_device(group)
-        padded = world * length <= (1 + MAX_GATHER_PADDING) * sum(sizes)
-        starts = [r * length for r in range(world)] if padded else [sum(sizes[:r]) for r in range(world)]
-        buf = torch.zeros(world * length if padded else sum(sizes), dtype=dtype, device=device)
+        padded, starts, total = _layout(sizes)
+        buf = torch.zeros(total, dtype=dtype, device=device)
         offset = starts[rank]
         for i in idx:  # this rank's payload, in item order
             owner, tensor, shape, _ = items[i]
@@ -101,8 +100,7 @@ def all_gather_owned(
         else:
             for r in range(world):
                 if sizes[r]:
-                    src = dist.get_global_rank(group, r) if group is not None else r
-                    dist.broadcast(buf[starts[r] : starts[r] + sizes[r]], src, group=group)
+                    dist.broadcast(buf[starts[r] : starts[r] + sizes[r]], _global_rank(group, r), group=group)
                     COMM_STATS.add("broadcast", sizes[r] * buf.element_size())
         offsets = list(starts)
         for i in idx:
@@ -137,9 +135,8 @@ def reduce_scatter_owned(
         if length == 0:
             continue
         device = items[idx[0]][1].device
-        padded = world * length <= (1 + MAX_GATHER_PADDING) * sum(sizes)
-        starts = [r * length for r in range(world)] if padded else [sum(sizes[:r]) for r in range(world)]
-        buf = torch.zeros(world * length if padded else sum(sizes), dtype=dtype, device=device)
+        padded, starts, total = _layout(sizes)
+        buf = torch.zeros(total, dtype=dtype, device=device)
         offsets = list(starts)
         for i in idx:
             owner, t = items[i]
@@ -152,8 +149,7 @@ def reduce_scatter_owned(
         else:
             for r in range(world):
                 if sizes[r]:
-                    dst = dist.get_global_rank(group, r) if group is not None else r
-                    dist.reduce(buf[starts[r] : starts[r] + sizes[r]], dst, group=group)
+                    dist.reduce(buf[starts[r] : starts[r] + sizes[r]], _global_rank(group, r), group=group)
                     COMM_STATS.add("reduce", sizes[r] * buf.element_size())
             mine = buf[starts[rank] : starts[rank] + sizes[rank]]
         mine.div_(world)
@@ -199,6 +195,22 @@ def exchange(
                 received[r][j] = out[offset : offset + n].view(shape)
                 offset += n
     return received  # type: ignore[return-value]
+
+
+def _layout(sizes: list[int]) -> tuple[bool, list[int], int]:
+    """Where each rank's payload (``sizes[r]`` elements) sits in the flat buffer of a collective.
+
+    ``(True, starts, total)``: padded to the largest payload (one all-gather / reduce-scatter), when that adds
+    at most :data:`MAX_GATHER_PADDING`; ``(False, ...)``: packed exactly (one broadcast / reduce per owner).
+    """
+    world, length = len(sizes), max(sizes)
+    if world * length <= (1 + MAX_GATHER_PADDING) * sum(sizes):
+        return True, [r * length for r in range(world)], world * length
+    return False, [sum(sizes[:r]) for r in range(world)], sum(sizes)
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
 
 
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
