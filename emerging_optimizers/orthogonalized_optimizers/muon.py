@@ -49,6 +49,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from emerging_optimizers.base import NonfiniteT, ParamsT, read_only_default
+from emerging_optimizers.distributed.ownership import matrix_ns_flops
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import (
     NSCoeffT,
@@ -314,6 +315,13 @@ class Muon(OrthogonalizedOptimizer):
         inner = math.prod(p.shape[sd + 1 :])
         shapes = tuple(sorted({(s.stop - s.start, inner) for s in _row_slices(p.shape[sd], group["split_sizes"])}))
         return (shapes, self.state[p]["momentum_buffer"].dtype, p.device)
+
+    def _ns_cost(self, p: torch.Tensor, group: dict[str, Any]) -> float:
+        """Newton-Schulz FLOPs of the param's matrix jobs (stacked matrices, row splits): balances the owners."""
+        sd = group["stacked_dims"]
+        batch, inner = math.prod(p.shape[:sd]), math.prod(p.shape[sd + 1 :])
+        return sum(matrix_ns_flops(s.stop - s.start, inner, group["num_ns_steps"], batch)
+                   for s in _row_slices(p.shape[sd], group["split_sizes"]))
 
     def _matrix_jobs(self, directions: list[torch.Tensor], group: dict[str, Any]) -> list[_MatrixJob]:
         """Cut every direction into independent matrix jobs (stack, conv flattening, row splits)."""
