@@ -267,3 +267,49 @@ def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -
 def test_every_optimizer_works_unchanged_under_ddp() -> None:
     """DDP (2 ranks, half the batch each) gives every optimizer the parameters of one process on the whole batch."""
     run_ranks(_ddp_every_optimizer_worker, 2, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------- layouts x shapes
+#: Muon's parameter layouts: a conv kernel (flattened to [out, in*k*k]), stacked experts, a fused QKV matrix.
+_SHAPES = [((10, 3, 3, 3), {}), ((3, 8, 6), {"stacked_dims": 1}), ((18, 8), {"split_sizes": (6, 6, 6)}),
+           ((7, 12), {})]
+
+
+def _placements_worker(rank: int, world: int, port: int, errors: Any) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    with gloo_rank(rank, world, port, errors):
+        g = torch.Generator().manual_seed(5)
+        fulls = [torch.randn(shape, generator=g, dtype=torch.float64) for shape, _ in _SHAPES]
+        grads = [[torch.randn(shape, generator=g, dtype=torch.float64) for shape, _ in _SHAPES] for _ in range(STEPS)]
+
+        def run(make: Any, **kwargs: Any) -> list[torch.Tensor]:
+            params = [nn.Parameter(make(f.clone())) for f in fulls]
+            opt = eo.Muon([{"params": [p], **opts} for p, (_, opts) in zip(params, _SHAPES)], lr=0.05,
+                          weight_decay=0.1, nesterov=True, **kwargs)
+            for step in grads:
+                for p, gr in zip(params, step):
+                    p.grad = make(gr.clone())
+                opt.step()
+            return [_full(p.detach()) for p in params]
+
+        want = run(lambda t: t)
+        mesh1 = init_device_mesh("cpu", (world,))
+        mesh2 = init_device_mesh("cpu", (2, world // 2))
+        layouts = {
+            "ddp process_group": (lambda t: t, {"process_group": dist.group.WORLD}),
+            "Shard(0)": (lambda t: distribute_tensor(t, mesh1, [Shard(0)]), {}),
+            "Shard(1)": (lambda t: distribute_tensor(t, mesh1, [Shard(1)]), {}),
+            "Replicate": (lambda t: distribute_tensor(t, mesh1, [Replicate()]), {}),
+            "HSDP (Replicate, Shard(0))": (lambda t: distribute_tensor(t, mesh2, [Replicate(), Shard(0)]), {}),
+            "2-D (Shard(0), Shard(1))": (lambda t: distribute_tensor(t, mesh2, [Shard(0), Shard(1)]), {}),
+        }
+        for label, (make, kwargs) in layouts.items():
+            for (shape, _), a, b in zip(_SHAPES, run(make, **kwargs), want):
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=lambda m, s=shape, lb=label: f"{lb} {s}: {m}")
+
+
+def test_every_layout_and_shape_matches_one_process() -> None:
+    """Conv kernels, stacked experts and fused QKV under every placement (4 ranks) equal one process's Muon."""
+    run_ranks(_placements_worker, 4, timeout=300)
