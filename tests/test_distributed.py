@@ -307,7 +307,8 @@ def _placements_worker(rank: int, world: int, port: int, errors: Any) -> None:
         }
         for label, (make, kwargs) in layouts.items():
             for (shape, _), a, b in zip(_SHAPES, run(make, **kwargs), want):
-                torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=lambda m, s=shape, lb=label: f"{lb} {s}: {m}")
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9,
+                                           msg=lambda m, s=shape, lb=label: f"{lb} {s}: {m}")
 
 
 def test_every_layout_and_shape_matches_one_process() -> None:

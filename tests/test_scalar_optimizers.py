@@ -200,3 +200,82 @@ def test_fused_falls_back_to_eager_with_a_warning(monkeypatch):
     drive(o1, o2, a, b, steps=2)  # stays eager afterwards, and equal
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------- fast path plumbing
+class _FakeCompiler:
+    """Stands in for torch.compile: records every call; ``gate`` holds compilation (the trial run) until set;
+    ``fail_real`` makes calls on the real tensors write a little, then raise (a run-time failure)."""
+
+    def __init__(self, fail_real: bool = False) -> None:
+        import threading
+
+        self.gate, self.calls, self.fail_real, self.trials = threading.Event(), [], fail_real, 0
+
+    def __call__(self, kernel):
+        from emerging_optimizers.scalar_optimizers.base import multi_param_step
+
+        def fn(*args, **flags):
+            self.calls.append((args, flags))
+            if self.trials == 0:  # the first call is the trial compilation on scratch copies
+                self.trials += 1
+                self.gate.wait(10)
+            elif self.fail_real:
+                args[0][0].add_(1.0)
+                raise RuntimeError("kernel crashed while running")
+            multi_param_step(*args, kernel=kernel, **flags)
+
+        return fn
+
+
+def _fast_path(monkeypatch, fake):
+    from emerging_optimizers.scalar_optimizers import base
+
+    monkeypatch.setattr(base, "_compiled_multi_param_step", fake)
+    monkeypatch.setattr(base, "AUTO_FUSE_MIN_NUMEL", 1)
+
+
+def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch):
+    """fused=None compiles in the background: steps run eagerly (equal to fused=False) until it is ready."""
+    fake = _FakeCompiler()
+    _fast_path(monkeypatch, fake)
+    a, b = twin_params()
+    o1, o2 = Adam(a), Adam(b, fused=False)
+    drive(o1, o2, a, b, steps=2)  # returns although the compiler is held: the steps ran eagerly
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert len(fake.calls) == 1  # only the trial run, on copies
+    fake.gate.set()
+    from emerging_optimizers.scalar_optimizers.base import _COMPILED
+
+    _COMPILED.wait(10)
+    drive(o1, o2, a, b, steps=2)
+    assert len(fake.calls) >= 2  # now the compiled code runs the real chunks
+
+
+def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch):
+    fake = _FakeCompiler(fail_real=True)
+    fake.gate.set()
+    _fast_path(monkeypatch, fake)
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = Adam([p], lr=0.1, fused=True)
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="crashed while running"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4))  # written once (+1), never re-run eagerly (no Adam step after)
+
+
+def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypatch):
+    fake = _FakeCompiler()
+    fake.gate.set()
+    _fast_path(monkeypatch, fake)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = Adam([p], lr=0.1, weight_decay=0.1, fused=True)
+    for lr in (0.1, 0.0, 0.1):  # a schedule reaching lr 0 (decay factor exactly 1)
+        opt.param_groups[0]["lr"] = lr
+        p.grad = torch.randn(5, dtype=torch.float64)
+        opt.step()
+    args, flags = fake.calls[-1]
+    assert args[3].dtype == torch.float64 and args[6]["beta1"].dtype == torch.float64
+    assert {tuple(f.items()) for _, f in fake.calls} == {tuple(flags.items())}  # one signature: one compile
+    assert fake.trials == 1

@@ -14,11 +14,18 @@ Fast path (``fused``): the parameters of a group are bucketed by (device, dtype,
 with ``torch.compile(dynamic=True)`` over chunks of :data:`FUSED_CHUNK` flattened tensors. Weight decay,
 the whole update and the parameter write fuse into one pass over memory per tensor, the floor torch's fused
 AdamW reaches. Keeping the scalar part out of the kernel matters: computed inside, ``beta ** step`` is
-re-evaluated per vector lane and the kernel runs 3-4x slower. ``fused=None`` (default) compiles when the
-optimizer holds at least :data:`AUTO_FUSE_MIN_NUMEL` elements and a compiler works, since the first
-compiled step costs seconds (6-40 s per optimizer on a 2-core CPU, cached on disk by torch) and only a
-large model repays it; ``True`` always compiles (falling back to eager with a warning when compilation
-fails), ``False`` never does.
+re-evaluated per vector lane and the kernel runs 3-4x slower.
+
+Compilation never touches the real tensors: each new chunk signature (tensor count, dtypes, flags) is
+compiled by running the compiled function once on scratch copies. Only that compilation's failure sends the
+signature to the eager path (with a warning); a compiled chunk that fails while running raises, as any
+kernel would, and is never re-run. ``fused=None`` (default) compiles when the optimizer holds at least
+:data:`AUTO_FUSE_MIN_NUMEL` elements and a compiler works, *in a background thread*: the steps run eagerly
+until the compiled code is ready, so the first step never waits for the compiler (6-40 s per optimizer on a
+2-core CPU, cached on disk by torch). ``True`` compiles at once (the first step waits), ``False`` never.
+Scalars reach the compiled code as 0-d tensors (float64 for float64 parameters, float32 otherwise), and
+weight decay is always applied there (a factor of exactly 1.0 when there is none), so a schedule that
+reaches lr 0 does not recompile.
 
 :class:`SingleMomentumOptimizer` and :class:`TwoMomentsOptimizer` (both :class:`UpdateFnOptimizer`) keep the
 reference library's way of declaring an optimizer, ``(params, defaults, *, update_fn, update_kwarg_names)``
@@ -29,6 +36,7 @@ with the functions of :mod:`~emerging_optimizers.scalar_optimizers.update_functi
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import warnings
 from collections import defaultdict
@@ -141,18 +149,91 @@ def _compiled_multi_param_step(kernel: Kernel) -> Callable[..., None]:
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def _as_tensors(values: dict[str, Any], device: torch.device, cache: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    """Floats as 0-d float32 tensors (bools stay Python bools: they select code paths).
+def _as_tensors(values: dict[str, Any], device: torch.device, cache: dict[Any, dict[str, Any]],
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Floats as 0-d tensors of ``dtype`` (bools stay Python bools: they select code paths).
 
     Dynamo may specialize a Python float on its value (a guard per value, so bias corrections that change
     every step would recompile every step); a tensor argument has no such guard. float32 is what eager
-    PyTorch does with a Python scalar in a float32/bf16 op. Equal dicts share their tensors (``cache``).
+    PyTorch does with a Python scalar in a float32/bf16 op; float64 parameters get float64 scalars, as
+    eager float64 arithmetic has. Equal dicts share their tensors (``cache``).
     """
-    key = (device, tuple(values.items()))
+    key = (device, dtype, tuple(values.items()))
     if key not in cache:
-        cache[key] = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32, device=device)
+        cache[key] = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=dtype, device=device)
                       for k, v in values.items()}
     return cache[key]
+
+
+class _CompiledChunks:
+    """Compiled :func:`multi_param_step` per chunk signature, compiled on scratch copies of the chunk.
+
+    A signature is compiled once per process (the compiled code is shared by every optimizer using the
+    kernel): synchronously (``block=True``: ``fused=True``, which also warns when it fails) or in a
+    background thread (``fused=None``). :meth:`get` returns the compiled function when that signature
+    compiled, ``None`` while it compiles or when compilation failed.
+    """
+
+    def __init__(self) -> None:
+        self._ready: dict[Any, Callable[..., None] | None] = {}
+        self._failed: dict[Any, str] = {}
+        self._pending: dict[Any, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def signature(kernel: Kernel, args: tuple[Any, ...], flags: dict[str, bool]) -> tuple[Any, ...]:
+        params, grads, states = args[0], args[1], args[2]
+        # dynamic shapes still specialize sizes 0 and 1: they are part of the signature
+        return (kernel, id(_compiled_multi_param_step), len(params),
+                tuple((p.dtype, min(p.numel(), 2)) for p in params), grads[0].dtype,
+                tuple(t.dtype for t in states[0]), args[3].dtype, params[0].device.type, tuple(flags.items()),
+                tuple((k, v) for k, v in args[6].items() if isinstance(v, bool)))  # bools select code paths
+
+    def get(self, kernel: Kernel, args: tuple[Any, ...], flags: dict[str, bool], block: bool,
+            who: str) -> Callable[..., None] | None:
+        sig = self.signature(kernel, args, flags)
+        with self._lock:
+            if sig in self._ready:
+                return self._ready[sig]
+            thread = self._pending.get(sig)
+            if thread is None:
+                scratch = ([t.clone() for t in args[0]], [t.clone() for t in args[1]],
+                           [tuple(t.clone() for t in ts) for ts in args[2]], *args[3:])
+                thread = threading.Thread(target=self._compile, args=(sig, kernel, scratch, flags), daemon=True,
+                                          name=f"emerging_optimizers compile {kernel.__name__}")
+                self._pending[sig] = thread
+                thread.start()
+        if block:
+            thread.join()
+        with self._lock:
+            fn = self._ready.get(sig)
+            error = self._failed.pop(sig, None)
+        if error is not None and block:
+            warnings.warn(f"{who}: compiling the fused step failed ({error}); falling back to the eager step.",
+                          RuntimeWarning, stacklevel=4)
+        return fn
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the compilations in progress (benchmarks that time the compiled path call this)."""
+        with self._lock:
+            threads = list(self._pending.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    def _compile(self, sig: Any, kernel: Kernel, scratch: tuple[Any, ...], flags: dict[str, bool]) -> None:
+        fn: Callable[..., None] | None = _compiled_multi_param_step(kernel)
+        try:
+            fn(*scratch, **flags)  # type: ignore[misc]
+        except Exception as exc:  # compilation (or its trial run on copies) failed: nothing real was written
+            fn = None
+            with self._lock:
+                self._failed[sig] = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._ready[sig] = fn
+            self._pending.pop(sig, None)
+
+
+_COMPILED = _CompiledChunks()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -192,7 +273,6 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite)  # validates every group (add_param_group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
-        self._fuse_failed = False
 
     # ------------------------------------------------------------------ per-algorithm interface
     def scalars(self, group: dict[str, Any], step: int, p: torch.Tensor) -> dict[str, Any]:
@@ -236,15 +316,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     def _use_fused(self, group: dict[str, Any], device: torch.device) -> bool:
         fused = group["fused"]
-        if fused is False or self._fuse_failed or (fused is None and not self._auto_fuse):
-            return False
-        if compile_available(device.type):
-            return True
-        if fused:
-            warnings.warn(f"{type(self).__name__}(fused=True): torch.compile is not available here; "
-                          "running the eager step.", RuntimeWarning, stacklevel=4)
-        self._fuse_failed = True
-        return False
+        # no compiler here shows as a failed compilation (a warning for fused=True; silent under auto)
+        return fused is True or (fused is None and self._auto_fuse)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, wd, method = group["lr"], group["weight_decay"], group["weight_decay_method"]
@@ -271,21 +344,23 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             else:
                 eager.append(job)
         cache: dict[Any, dict[str, Any]] = {}
-        for (device, *_), jobs in buckets.items():
-            hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache)
-            scalars = _as_tensors(jobs[0][3], device, cache)
+        # compiled chunks always decay (a factor of 1.0 when there is none): an lr reaching 0 does not recompile
+        compiled_flags = dict(flags, has_decay=True)
+        for (device, dtype, *_), jobs in buckets.items():
+            sdt = torch.float64 if dtype == torch.float64 else torch.float32
+            hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, sdt)
+            scalars = _as_tensors(jobs[0][3], device, cache, sdt)
             for i in range(0, len(jobs), FUSED_CHUNK):
                 chunk = jobs[i : i + FUSED_CHUNK]
                 args = ([_flat(p) for p, _, _, _ in chunk], [g.reshape(-1) for _, g, _, _ in chunk],
                         [tuple(map(_flat, t)) for _, _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
                         scalars)
-                try:
-                    _compiled_multi_param_step(kernel)(*args, **flags)
-                except Exception as exc:
-                    warnings.warn(f"{type(self).__name__}: compiled step failed ({type(exc).__name__}: {exc}); "
-                                  "falling back to the eager step.", RuntimeWarning, stacklevel=3)
-                    self._fuse_failed = True
+                fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True,
+                                   who=type(self).__name__)
+                if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
                     eager.extend(chunk)
+                else:
+                    fn(*args, **compiled_flags)
         for p, grad, tensors, scalars in eager:
             param_step(p, grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
         for p, ctx in zip(params, ctxs):
