@@ -193,7 +193,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if self._nonfinite_skip():
             return loss
         for group in self.param_groups:
-            params = self._init_group(group)
+            self._prepare_group(group)
+            params = self._params_to_step(group)
             if params:
                 self._step_group(group, params)
         return loss
@@ -260,22 +261,31 @@ class EmergingOptimizer(torch.optim.Optimizer):
         parts = [f"{n} {kind}" for n, kind in zip(counts, ("NaN", "+Inf", "-Inf")) if n]
         return f"{label} (shape {tuple(p.shape)}: {', '.join(parts)})"
 
-    def _init_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> list[torch.Tensor]:
-        """Create missing state for the group's params and return those that have a gradient.
+    def _init_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> None:
+        """Check the gradients and create missing state for the group's params that have one.
 
-        With ``skip_non_grad_params=False`` state is created for every param, gradient or not.
+        With ``skip_non_grad_params=False`` state is created for every param, gradient or not (frameworks call
+        it so before loading a checkpoint). Returns None, as the reference library's.
         """
-        with_grad = []
+        self._prepare_group(group, skip_non_grad_params)
+
+    @torch.compiler.disable
+    def _prepare_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> None:
+        # ``step`` calls this, not ``_init_group``: torch.compile replaces a call named ``_init_group`` by its own
+        # handling, which assumes torch.optim's tensor ``step`` counters. Under torch.compile(opt.step) it runs
+        # eagerly (``compiler.disable``), as torch runs ``_init_group``: state is created once, not traced.
         for p in group["params"]:
             if p.grad is not None:
                 self._check_grad(p)
-                if p.numel():  # a tensor with no elements has nothing to update (state is still made)
-                    with_grad.append(p)
             elif skip_non_grad_params:
                 continue
             if not self.state[p]:
                 self.state[p].update(self._init_param_state(p, group))
-        return with_grad
+
+    @staticmethod
+    def _params_to_step(group: dict[str, Any]) -> list[torch.Tensor]:
+        """The group's params that have a gradient (a tensor with no elements has nothing to update)."""
+        return [p for p in group["params"] if p.grad is not None and p.numel()]
 
     def _check_grad(self, p: torch.Tensor) -> None:
         grad = p.grad

@@ -279,3 +279,12 @@ def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypat
     assert args[3].dtype == torch.float64 and args[6]["beta1"].dtype == torch.float64
     assert {tuple(f.items()) for _, f in fake.calls} == {tuple(flags.items())}  # one signature: one compile
     assert fake.trials == 1
+
+
+def test_laprop_frob_normalize_keeps_float64_weights_norm():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    norm = torch.linalg.vector_norm(p).item()
+    opt = eo.LaProp([p], frob_normalize=True, weight_decay=0.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert abs(torch.linalg.vector_norm(p).item() - norm) < 1e-12

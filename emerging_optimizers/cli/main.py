@@ -163,17 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser(
         "bench", help="time optimizer steps on a GPT-like parameter set against torch.optim",
         description="Time optimizer.step() on random gradients for a GPT-like parameter set, interleaving our "
-        "optimizers with torch.optim.AdamW (fused and foreach) and torch.optim.Muon (2-D matrices) in one "
-        "process; print the median ms/step and the ratio to torch's fused AdamW.", formatter_class=_Formatter)
+        "optimizers with torch.optim.AdamW (fused and foreach) and torch.optim.Muon (2-D matrices, Newton-Schulz "
+        "in bf16) in one process; print the CPU, the median ms/step and the ratio to torch's fused AdamW. "
+        "Progress goes to stderr. A variant whose steps would take more than --cap-s seconds is dropped and "
+        "reported as over cap (torch.optim.Muon is estimated first, by a bf16 matmul probe, and not run at all "
+        "when the estimate is over the cap: bf16 matmul is very slow on CPUs without bf16 units). The defaults "
+        "take about a minute on a 2-core CPU.", formatter_class=_Formatter)
     p_bench.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
                          help="our optimizers to time (default: adamw, muon, muon_adamw where registered)")
     p_bench.add_argument("--layers", type=_positive_int, default=6, help="transformer blocks")
     p_bench.add_argument("--dim", type=_positive_int, default=512, help="model width")
     p_bench.add_argument("--vocab", type=_positive_int, default=8192, help="vocabulary size")
-    p_bench.add_argument("--steps", type=_positive_int, default=2, help="timed steps per round")
+    p_bench.add_argument("--steps", type=_positive_int, default=None,
+                         help="timed steps per round (default: per variant, as many as take about 0.2 s)")
     p_bench.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds")
-    p_bench.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps first (state, compilation)")
+    p_bench.add_argument("--warmup", type=_positive_int, default=1,
+                         help="steps first, not in the results (state, compilation; they count against --cap-s)")
     p_bench.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
+    p_bench.add_argument("--cap-s", type=_positive_float, default=30.0,
+                         help="seconds of steps (warm-up included) one variant may take; one that would take "
+                         "longer is dropped and reported as over cap")
     p_bench.add_argument("--no-torch", action="store_true", help="skip the torch.optim baselines")
     p_bench.set_defaults(func=cmd_bench)
     return parser

@@ -23,8 +23,8 @@ kernel would, and is never re-run. ``fused=None`` (default) compiles when the op
 :data:`AUTO_FUSE_MIN_NUMEL` elements and a compiler works, *in a background thread*: the steps run eagerly
 until the compiled code is ready, so the first step never waits for the compiler (6-40 s per optimizer on a
 2-core CPU, cached on disk by torch). ``True`` compiles at once (the first step waits), ``False`` never.
-Scalars reach the compiled code as 0-d tensors (float64 for float64 parameters, float32 otherwise), and
-weight decay is always applied there (a factor of exactly 1.0 when there is none), so a schedule that
+Scalars reach the compiled code as 0-d float64 tensors (derived numbers such as ``1 - beta2`` are then
+computed in double as the eager path computes them from Python floats), and weight decay is always applied there (a factor of exactly 1.0 when there is none), so a schedule that
 reaches lr 0 does not recompile.
 
 :class:`SingleMomentumOptimizer` and :class:`TwoMomentsOptimizer` (both :class:`UpdateFnOptimizer`) keep the
@@ -316,6 +316,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     def _use_fused(self, group: dict[str, Any], device: torch.device) -> bool:
         fused = group["fused"]
+        if torch.compiler.is_compiling():  # the user compiles the step: it fuses the plain path itself
+            return False
         # no compiler here shows as a failed compilation (a warning for fused=True; silent under auto)
         return fused is True or (fused is None and self._auto_fuse)
 
@@ -347,9 +349,10 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         # compiled chunks always decay (a factor of 1.0 when there is none): an lr reaching 0 does not recompile
         compiled_flags = dict(flags, has_decay=True)
         for (device, dtype, *_), jobs in buckets.items():
-            sdt = torch.float64 if dtype == torch.float64 else torch.float32
-            hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, sdt)
-            scalars = _as_tensors(jobs[0][3], device, cache, sdt)
+            # float64 scalars: ``1 - beta2`` and friends are then computed as eagerly (in double, rounded once
+            # into the float32 op), not in float32 (1 - 0.999 off by 1e-5 relative); same speed (memory-bound)
+            hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, torch.float64)
+            scalars = _as_tensors(jobs[0][3], device, cache, torch.float64)
             for i in range(0, len(jobs), FUSED_CHUNK):
                 chunk = jobs[i : i + FUSED_CHUNK]
                 args = ([_flat(p) for p, _, _, _ in chunk], [g.reshape(-1) for _, g, _, _ in chunk],

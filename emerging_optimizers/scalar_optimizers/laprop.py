@@ -44,6 +44,11 @@ def calculate_laprop_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_s
     return laprop_kernel(grad, exp_avg, exp_avg_sq, **laprop_scalars(correct_bias, betas, step, eps))
 
 
+def _norm(p: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm in float32, or float64 for float64 weights (a float32 reduction of them would narrow)."""
+    return torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+
 @register_optimizer("laprop")
 class LaProp(ScalarOptimizer):
     """LaProp with the reference defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``, no weight decay.
@@ -75,9 +80,9 @@ class LaProp(ScalarOptimizer):
         return laprop_scalars(group["correct_bias"], group["betas"], step, group["eps"])
 
     def pre_step(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
-        return torch.linalg.vector_norm(p, dtype=torch.float32) if group["frob_normalize"] else None
+        return _norm(p) if group["frob_normalize"] else None
 
     def post_step(self, p: torch.Tensor, group: dict[str, Any], ctx: Any) -> None:
         if ctx is not None:
-            norm = torch.linalg.vector_norm(p, dtype=torch.float32)
+            norm = _norm(p)
             p.mul_((ctx / norm.clamp_min(group["eps"])).to(p.dtype))

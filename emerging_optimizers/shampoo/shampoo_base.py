@@ -40,6 +40,12 @@ class TensorPair:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.L, self.R))
 
+    def __len__(self) -> int:  # unpacking under torch.compile asks for it
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.L, self.R)[index]
+
 
 class _PreconditionerProtocol(Protocol):
     """What every preconditioner of the family provides, for one parameter (or block)."""
