@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Progress goes to stderr. A variant whose steps would take more than --cap-s seconds is dropped and "
         "reported as over cap (torch.optim.Muon is estimated first, by a bf16 matmul probe, and not run at all "
         "when the estimate is over the cap: bf16 matmul is very slow on CPUs without bf16 units). The defaults "
-        "take about a minute on a 2-core CPU.", formatter_class=_Formatter)
+        "take well under 2 minutes on a 2-core CPU.", formatter_class=_Formatter)
     p_bench.add_argument("--optimizers", nargs="+", metavar="SPEC", default=None,
                          help="our optimizers to time (default: adamw, muon, muon_adamw where registered)")
     p_bench.add_argument("--layers", type=_positive_int, default=6, help="transformer blocks")

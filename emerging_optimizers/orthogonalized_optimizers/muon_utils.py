@@ -659,8 +659,10 @@ def newton_schulz(
         else:
             # The fast forms fold the scale into x x^T, formed from the unscaled x: first bring ||x|| into
             # [0.5, 1) by a power of two (exact), so x x^T cannot overflow; the result is unchanged.
-            _, exponent = torch.frexp(norm)
-            exponent = exponent.clamp(-126, 126)  # 2**-e stays a normal number in every compute dtype
+            # e = floor(log2 ||x||) + 1 as a float64 integer (frexp's exponent, or one more when log2 rounds up:
+            # either way a power of two, exact); clamped so 2**-e stays a normal number in every compute dtype.
+            # Not torch.frexp: torch.compile's CPU code generator fails on its int32 exponent.
+            exponent = (torch.log2(norm).floor() + 1).clamp(-126, 126)
             y = y.to(cdtype) * torch.ldexp(torch.ones_like(norm), -exponent).to(cdtype)
             scale = torch.ldexp(inv_norm, exponent).to(cdtype)
 

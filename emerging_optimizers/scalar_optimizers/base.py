@@ -17,15 +17,16 @@ AdamW reaches. Keeping the scalar part out of the kernel matters: computed insid
 re-evaluated per vector lane and the kernel runs 3-4x slower.
 
 Compilation never touches the real tensors: each new chunk signature (tensor count, dtypes, flags) is
-compiled by running the compiled function once on scratch copies. Only that compilation's failure sends the
-signature to the eager path (with a warning); a compiled chunk that fails while running raises, as any
-kernel would, and is never re-run. ``fused=None`` (default) compiles when the optimizer holds at least
-:data:`AUTO_FUSE_MIN_NUMEL` elements and a compiler works, *in a background thread*: the steps run eagerly
-until the compiled code is ready, so the first step never waits for the compiler (6-40 s per optimizer on a
-2-core CPU, cached on disk by torch). ``True`` compiles at once (the first step waits), ``False`` never.
-Scalars reach the compiled code as 0-d float64 tensors (derived numbers such as ``1 - beta2`` are then
-computed in double as the eager path computes them from Python floats), and weight decay is always applied there (a factor of exactly 1.0 when there is none), so a schedule that
-reaches lr 0 does not recompile.
+compiled by running the compiled function once on scratch copies. Only a failure to compile (then, or a
+recompilation later, which fails before anything runs) sends the signature to the eager path (with a
+warning); a compiled chunk that fails while running raises, as any kernel would, and is never re-run.
+``fused=None`` (default) compiles when the optimizer holds at least :data:`AUTO_FUSE_MIN_NUMEL` elements
+and a compiler works, *in a background thread*: the steps run eagerly until the compiled code is ready, so
+the first step never waits for the compiler (6-40 s per optimizer on a 2-core CPU, cached on disk by
+torch). ``True`` compiles at once (the first step waits), ``False`` never. Scalars reach the compiled code
+as 0-d float64 tensors (derived numbers such as ``1 - beta2`` are then computed in double, as the eager
+path computes them from Python floats), and weight decay is always applied there (a factor of exactly 1.0
+when there is none), so a schedule that reaches lr 0 does not recompile.
 
 :class:`SingleMomentumOptimizer` and :class:`TwoMomentsOptimizer` (both :class:`UpdateFnOptimizer`) keep the
 reference library's way of declaring an optimizer, ``(params, defaults, *, update_fn, update_kwarg_names)``
@@ -35,6 +36,7 @@ with the functions of :mod:`~emerging_optimizers.scalar_optimizers.update_functi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import types
@@ -220,10 +222,16 @@ class _CompiledChunks:
         for thread in threads:
             thread.join(timeout)
 
+    def mark_failed(self, sig: Any) -> None:
+        with self._lock:
+            self._ready[sig] = None
+
     def _compile(self, sig: Any, kernel: Kernel, scratch: tuple[Any, ...], flags: dict[str, bool]) -> None:
         fn: Callable[..., None] | None = _compiled_multi_param_step(kernel)
         try:
-            fn(*scratch, **flags)  # type: ignore[misc]
+            # as ``step`` runs: grad mode is per thread, and a mismatch would make the first real call recompile
+            with torch.no_grad(), _no_duck_shapes():
+                fn(*scratch, **flags)  # type: ignore[misc]
         except Exception as exc:  # compilation (or its trial run on copies) failed: nothing real was written
             fn = None
             with self._lock:
@@ -234,6 +242,28 @@ class _CompiledChunks:
 
 
 _COMPILED = _CompiledChunks()
+
+
+def _no_duck_shapes() -> Any:
+    """Compile without "duck" shapes: otherwise tensors that happen to have equal sizes share one size symbol,
+    and the next chunk whose sizes differ recompiles (the compiled code is meant for every chunk)."""
+    try:
+        from torch.fx.experimental import _config
+
+        return _config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised while (re)compiling, before the compiled code runs: nothing has been written yet."""
+    import torch._dynamo.exc as dynamo_exc
+
+    errors: list[type[BaseException]] = [dynamo_exc.TorchDynamoException]
+    limit = getattr(dynamo_exc, "FailOnRecompileLimitHit", None)
+    if limit is not None:
+        errors.append(limit)
+    return tuple(errors)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -348,7 +378,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         cache: dict[Any, dict[str, Any]] = {}
         # compiled chunks always decay (a factor of 1.0 when there is none): an lr reaching 0 does not recompile
         compiled_flags = dict(flags, has_decay=True)
-        for (device, dtype, *_), jobs in buckets.items():
+        for (device, *_), jobs in buckets.items():
             # float64 scalars: ``1 - beta2`` and friends are then computed as eagerly (in double, rounded once
             # into the float32 op), not in float32 (1 - 0.999 off by 1e-5 relative); same speed (memory-bound)
             hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, torch.float64)
@@ -362,8 +392,14 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
                                    who=type(self).__name__)
                 if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
                     eager.extend(chunk)
-                else:
+                    continue
+                try:
                     fn(*args, **compiled_flags)
+                except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
+                    _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags))
+                    warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
+                                  f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=3)
+                    eager.extend(chunk)
         for p, grad, tensors, scalars in eager:
             param_step(p, grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
         for p, ctx in zip(params, ctxs):
