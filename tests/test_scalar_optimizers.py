@@ -194,7 +194,8 @@ def test_fused_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(base, "_compiled_multi_param_step", broken)
     monkeypatch.setattr(base, "compile_available", lambda device_type: True)
     a, b = twin_params()
-    o1, o2 = Adam(a, fused=True), Adam(b, fused=False)
+    # nesterov: a path of our own (plain Adam/AdamW run torch's fused kernel, see test_torch_fused_adam_*)
+    o1, o2 = Adam(a, fused=True, nesterov=True), Adam(b, fused=False, nesterov=True)
     with pytest.warns(RuntimeWarning, match="falling back to the eager step"):
         drive(o1, o2, a, b, steps=1)
     drive(o1, o2, a, b, steps=2)  # stays eager afterwards, and equal
@@ -240,7 +241,7 @@ def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch):
     fake = _FakeCompiler()
     _fast_path(monkeypatch, fake)
     a, b = twin_params()
-    o1, o2 = Adam(a), Adam(b, fused=False)
+    o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)  # our compiled path (not torch's kernel)
     drive(o1, o2, a, b, steps=2)  # returns although the compiler is held: the steps ran eagerly
     for p, q in zip(a, b):
         assert torch.equal(p, q)
@@ -258,7 +259,7 @@ def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch)
     fake.gate.set()
     _fast_path(monkeypatch, fake)
     p = torch.nn.Parameter(torch.zeros(4))
-    opt = Adam([p], lr=0.1, fused=True)
+    opt = Adam([p], lr=0.1, fused=True, nesterov=True)
     p.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="crashed while running"):
         opt.step()
@@ -270,7 +271,7 @@ def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypat
     fake.gate.set()
     _fast_path(monkeypatch, fake)
     p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
-    opt = Adam([p], lr=0.1, weight_decay=0.1, fused=True)
+    opt = Adam([p], lr=0.1, weight_decay=0.1, fused=True, nesterov=True)
     for lr in (0.1, 0.0, 0.1):  # a schedule reaching lr 0 (decay factor exactly 1)
         opt.param_groups[0]["lr"] = lr
         p.grad = torch.randn(5, dtype=torch.float64)
@@ -288,3 +289,62 @@ def test_laprop_frob_normalize_keeps_float64_weights_norm():
     p.grad = torch.randn_like(p)
     opt.step()
     assert abs(torch.linalg.vector_norm(p).item() - norm) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("make", [
+    lambda ps, **k: eo.AdamW(ps, lr=1e-2, weight_decay=0.1, **k),
+    lambda ps, **k: Adam(ps, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, weight_decay_method="l2", **k),
+    lambda ps, **k: Adam(ps, lr=1e-2, **k),
+], ids=["adamw", "adam-l2", "adam-no-decay"])
+def test_torch_fused_adam_equals_our_kernel(make, dtype):
+    """Plain Adam/AdamW run torch's fused kernel (fused=None); the same update as our kernel's path (fused=False).
+
+    Tolerance: both compute m/bc1 / (sqrt(v)/sqrt(bc2) + eps), in another order of operations (torch folds
+    lr/bc1 into one step size): a few ulps per step of the parameter dtype, over 25 steps. bf16: torch's
+    kernel computes in float32 and rounds once per step, ours rounds every operation in bf16 (state in the
+    parameter's dtype, as torch.optim); they differ by several bf16 ulps, so there each is compared with a
+    float64 run, and torch's kernel must be at least as close to it as our bf16 path.
+    """
+    a, b = twin_params()
+    ref = [torch.nn.Parameter(p.detach().double()) for p in a]
+    a = [torch.nn.Parameter(p.detach().to(dtype)) for p in a]
+    b = [torch.nn.Parameter(p.detach().to(dtype)) for p in b]
+    o1, o2, o3 = make(a), make(b, fused=False), make(ref, fused=False)
+    from emerging_optimizers.scalar_optimizers.adam import _torch_fused_kernel
+
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    o1._init_group(o1.param_groups[0])
+    assert _torch_fused_kernel(o1, o1.param_groups[0], a) is not None
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        for p, q, r in zip(a, b, ref):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad, r.grad = g, g.clone(), g.double()
+        o1.step()
+        o2.step()
+        o3.step()
+    if dtype == torch.bfloat16:
+        for p, q, r in zip(a, b, ref):
+            fused_err, eager_err = (p.double() - r).abs().max(), (q.double() - r).abs().max()
+            assert fused_err <= eager_err + 2**-7, (fused_err, eager_err)
+        return
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+    assert o1.state[a[0]]["step"] == 25 and o1.state_dict()["state"][0]["step"] == 25
+
+
+def test_torch_fused_adam_not_used_where_it_would_differ():
+    from emerging_optimizers.scalar_optimizers.adam import _torch_fused_kernel
+
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    for opt in (Adam([p], nesterov=True), Adam([p], correct_bias=False), Adam([p], fused=False),
+                Adam([p], weight_decay=0.1, weight_decay_method="independent"),
+                Adam([torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))], fp32_state=True)):
+        q = opt.param_groups[0]["params"][0]
+        q.grad = torch.randn_like(q)
+        opt._init_group(opt.param_groups[0])
+        assert _torch_fused_kernel(opt, opt.param_groups[0], [q]) is None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from emerging_optimizers.base import NonfiniteT, ParamsT
+from emerging_optimizers.distributed.comm import local
 from emerging_optimizers.mixin import WeightDecayT
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.scalar_optimizers.base import ScalarOptimizer
@@ -58,6 +59,29 @@ def calculate_adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq:
     return adam_kernel(grad, exp_avg, exp_avg_sq, **adam_scalars(betas, correct_bias, use_nesterov, step, eps))
 
 
+def _torch_fused_kernel(opt: Any, group: dict[str, Any], params: list[torch.Tensor]) -> Any:
+    """``torch._fused_adamw_`` / ``_fused_adam_`` when they compute this group's step, else None.
+
+    They do for: bias correction on, no Nesterov, weight decay decoupled (AdamW) or L2 (Adam) or none, state
+    in the parameter's dtype, dense floating tensors on CPU or CUDA, ``fused`` not False, and outside a
+    user's ``torch.compile`` (which fuses the plain path itself).
+    """
+    if group["fused"] is False or group["nesterov"] or not group["correct_bias"] or torch.compiler.is_compiling():
+        return None
+    method = group["weight_decay_method"] if group["weight_decay"] else "decoupled"
+    kernels = {"decoupled": getattr(torch, "_fused_adamw_", None), "l2": getattr(torch, "_fused_adam_", None)}
+    kernel = kernels.get(method)
+    if kernel is None:
+        return None
+    for p in params:
+        state = opt.state[p]
+        lp = local(p)
+        if (lp.device.type not in ("cpu", "cuda") or not lp.is_floating_point() or lp.is_sparse
+                or state["exp_avg"].dtype != p.dtype or state["exp_avg_sq"].dtype != p.dtype):
+            return None
+    return kernel
+
+
 @register_optimizer("adam")
 class Adam(ScalarOptimizer):
     """Adam / AdamW.
@@ -92,6 +116,27 @@ class Adam(ScalarOptimizer):
 
     def scalars(self, group: dict[str, Any], step: int, p: torch.Tensor) -> dict[str, Any]:
         return adam_scalars(group["betas"], group["correct_bias"], group["nesterov"], step, group["eps"])
+
+    # ------------------------------------------------------------------ torch's fused kernel
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch's own fused Adam/AdamW kernel (CPU and CUDA, no compilation, any size) where our options mean
+        what it computes: the same update (tested equal to :func:`adam_kernel`'s path); otherwise the base's."""
+        kernel = _torch_fused_kernel(self, group, params)
+        if kernel is None:
+            super()._step_group(group, params)
+            return
+        buckets: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            buckets.setdefault((local(p).device, p.dtype, state["step"]), []).append(p)
+        b1, b2 = group["betas"]
+        for (device, _, step), ps in buckets.items():
+            steps = [torch.tensor(float(step), device=device if device.type != "cpu" else None)] * len(ps)
+            kernel([local(p) for p in ps], [local(p.grad) for p in ps],
+                   [local(self.state[p]["exp_avg"]) for p in ps], [local(self.state[p]["exp_avg_sq"]) for p in ps],
+                   [], steps, lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+                   eps=group["eps"], amsgrad=False, maximize=False)
 
 
 @register_optimizer("adamw")
