@@ -104,11 +104,12 @@ class Adam(ScalarOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, nesterov: bool = False, correct_bias: bool = True,
                  weight_decay_method: WeightDecayT = "decoupled", fused: bool | None = None,
-                 fp32_state: bool = False,
+                 fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nesterov=nesterov,
                         correct_bias=correct_bias, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas("betas", group["betas"], 2)
@@ -146,8 +147,8 @@ class AdamW(Adam):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, nesterov: bool = False, correct_bias: bool = True,
                  weight_decay_method: WeightDecayT = "decoupled", fused: bool | None = None,
-                 fp32_state: bool = False,
+                 fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, nesterov=nesterov, correct_bias=correct_bias,
                          weight_decay_method=weight_decay_method, fused=fused, fp32_state=fp32_state,
-                         nonfinite=nonfinite)
+                         state_dtype=state_dtype, nonfinite=nonfinite)

@@ -113,13 +113,14 @@ class AdEMAMix(ScalarOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, alpha: float = 2.0,
                  num_alpha_warmup_steps: int | None = None, num_beta_slow_warmup_steps: int | None = None,
                  correct_bias: bool = True, weight_decay_method: WeightDecayT = "decoupled",
-                 fused: bool | None = None, fp32_state: bool = False,
+                 fused: bool | None = None, fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
                         num_alpha_warmup_steps=num_alpha_warmup_steps,
                         num_beta_slow_warmup_steps=num_beta_slow_warmup_steps, correct_bias=correct_bias,
                         weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas("betas", group["betas"], 3)
@@ -146,12 +147,13 @@ class SimplifiedAdEMAMix(ScalarOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, correct_bias: bool = True,
                  num_beta_fast_warmup_steps: int | None = None, min_beta_fast: float = 0.9, alpha: float = 2.0,
                  weight_decay_method: WeightDecayT = "decoupled", fused: bool | None = None,
-                 fp32_state: bool = False,
+                 fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         num_beta_fast_warmup_steps=num_beta_fast_warmup_steps, min_beta_fast=min_beta_fast,
                         alpha=alpha, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas("betas", group["betas"], 2)

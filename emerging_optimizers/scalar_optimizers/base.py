@@ -80,17 +80,54 @@ def param_step(
     (never in place: the caller's gradient is untouched). Compute happens in the state dtype (fp32 state for
     low-precision params up-casts the gradient); the parameter is written back in its own dtype.
     """
-    compute_dtype = state[0].dtype if state else p.dtype
+    salt = scalars.get("sr_salt")
+    if salt is not None:  # compressed (bf16) state: computed in float32, written back stochastically rounded
+        scalars = {k: v for k, v in scalars.items() if k != "sr_salt"}
+        work = tuple(t.float() for t in state)
+    else:
+        work = state
+    compute_dtype = work[0].dtype if work else p.dtype
     g = grad.to(compute_dtype)
     if has_l2:
         g = _axpy(g, p.to(compute_dtype), l2)
     if has_decay:
         p.mul_(decay)
-    update = kernel(g, *state, **scalars)
+    update = kernel(g, *work, **scalars)
+    if salt is not None:
+        for k, (t, w) in enumerate(zip(state, work)):
+            stochastic_round_(t, w, salt * 8 + k)
     if update.dtype == p.dtype:
         _axpy(p, update, -lr, inplace=True)
     else:
         p.copy_(_axpy(p.to(update.dtype), update, -lr, inplace=True))
+
+
+def _hash16(n: int, salt: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``n`` pseudo-random 16-bit integers (int32) from the element index and ``salt``: a counter-based hash
+    (no generator state: the same step gives the same bits, so a resumed run is bit-identical). int32
+    arithmetic that wraps (twice the vector lanes of int64); shifts masked to act as logical shifts."""
+    salt_t = salt if isinstance(salt, torch.Tensor) else torch.tensor(float(salt), dtype=torch.float64)
+    key = (salt_t.to(device=device, dtype=torch.int64) * 0x27D4EB2F & 0x7FFFFFFF).to(torch.int32)
+    x = torch.arange(n, device=device, dtype=torch.int32) * -1640531535 + key  # 0x9E3779B1 as int32
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x2C1B3C6D
+    x = x ^ ((x >> 12) & 0xFFFFF)
+    x = x * 0x297A2D39
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    return x & 0xFFFF
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, salt: float | torch.Tensor) -> torch.Tensor:
+    """Write float32 ``src`` into bfloat16 ``dst``, rounded up or down with probability given by the distance
+    (unbiased: E[dst] = src), so small updates to bf16 state are not lost to round-to-nearest.
+
+    The 16 bits bf16 drops are replaced by a uniform random offset added before truncation (carries into
+    the exponent are the correct roundings); the bits come from :func:`_hash16` of the index and ``salt``.
+    """
+    src = src.contiguous()
+    noise = _hash16(src.numel(), salt, src.device).view(src.shape)
+    rounded = (src.view(torch.int32) + noise) & -65536  # clear the 16 low bits: exactly representable in bf16
+    return dst.copy_(rounded.view(torch.float32))
 
 
 def _axpy(y: torch.Tensor, x: torch.Tensor, a: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -189,7 +226,8 @@ class _CompiledChunks:
         return (kernel, id(_compiled_multi_param_step), len(params),
                 tuple((p.dtype, min(p.numel(), 2)) for p in params), grads[0].dtype,
                 tuple(t.dtype for t in states[0]), args[3].dtype, params[0].device.type, tuple(flags.items()),
-                tuple((k, v) for k, v in args[6].items() if isinstance(v, bool)))  # bools select code paths
+                tuple((k, v) for k, v in args[6].items() if isinstance(v, bool)),  # bools select code paths
+                tuple(sorted(args[6])))
 
     def get(self, kernel: Kernel, args: tuple[Any, ...], flags: dict[str, bool], block: bool,
             who: str) -> Callable[..., None] | None:
@@ -275,6 +313,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(-1).detach()
 
 
+def _check_state_dtype(state_dtype: Any) -> None:
+    if state_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; use None (the parameter's dtype, or float32 with "
+                         "fp32_state=True), torch.float32, or torch.bfloat16 (half the memory, stochastic rounding).")
+
+
 class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
     """Base of the element-wise optimizers.
 
@@ -284,7 +328,11 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     * ``fused`` (``None`` | bool): the compiled single-pass step, see the module docstring;
     * ``fp32_state`` (bool, default False): keep state in float32 for bf16/fp16 params (state otherwise
-      takes the param dtype, as in torch.optim).
+      takes the param dtype, as in torch.optim);
+    * ``state_dtype`` (``None`` | ``torch.float32`` | ``torch.bfloat16``): the state's dtype whatever the
+      parameter's. bfloat16 state of float32 parameters halves the state memory; the update is computed in
+      float32 and the state written back with stochastic rounding (:func:`stochastic_round_`: unbiased, bits
+      from a counter-based hash of the element index and the step, so a resumed run is bit-identical).
     """
 
     state_keys: ClassVar[tuple[str, ...]] = ()
@@ -294,12 +342,14 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
     dtensor_support = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, fused: bool | None = None,
-                 fp32_state: bool = False, nonfinite: NonfiniteT = "skip") -> None:
+                 fp32_state: bool = False, nonfinite: NonfiniteT = "skip",
+                 state_dtype: torch.dtype | None = None) -> None:
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r}; use None (auto), True or False.")
         if fp32_state not in (True, False):
             raise ValueError(f"Invalid fp32_state: {fp32_state!r}; use True or False.")
-        defaults = dict(defaults, fused=fused, fp32_state=fp32_state)
+        _check_state_dtype(state_dtype)
+        defaults = dict(defaults, fused=fused, fp32_state=fp32_state, state_dtype=state_dtype)
         super().__init__(params, defaults, nonfinite=nonfinite)  # validates every group (add_param_group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
@@ -335,10 +385,13 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         check_nonneg("lr", group["lr"])
         check_nonneg("weight_decay", group["weight_decay"])
         check_weight_decay_method(group["weight_decay_method"])
+        _check_state_dtype(group.get("state_dtype"))
         self._check_group(group)
 
     def _init_param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = torch.float32 if group["fp32_state"] and p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        if group.get("state_dtype") is not None:
+            dtype = group["state_dtype"]
         state: dict[str, Any] = {"step": 0}
         for key in self.state_keys_for(group):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -367,6 +420,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             ctxs.append(self.pre_step(p, group))
             tensors = tuple(local(state[k]) for k in keys)
             scalars = self.scalars(group, state["step"], p)
+            if tensors and tensors[0].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+                scalars = {**scalars, "sr_salt": float(state["step"])}  # compressed state: stochastic rounding
             job = (local(p), local(p.grad), tensors, scalars)
             if fused and job[0].is_contiguous() and all(t.is_contiguous() for t in tensors):
                 # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group

@@ -43,10 +43,11 @@ class Lion(ScalarOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.01, *, weight_decay_method: WeightDecayT = "decoupled",
-                 fused: bool | None = None, fp32_state: bool = False,
+                 fused: bool | None = None, fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas("betas", group["betas"], 2)

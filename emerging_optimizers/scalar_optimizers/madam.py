@@ -69,11 +69,12 @@ class MAdam(ScalarOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, *, correct_bias: bool = True, scale_log2: int = 16,
                  weight_decay_method: WeightDecayT = "decoupled", fused: bool | None = None,
-                 fp32_state: bool = False,
+                 fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, correct_bias=correct_bias,
                         scale_log2=scale_log2, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_betas("betas", group["betas"], 2)

@@ -44,10 +44,11 @@ class RMSProp(ScalarOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, weight_decay_method: WeightDecayT = "decoupled",
-                 fused: bool | None = None, fp32_state: bool = False,
+                 fused: bool | None = None, fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_beta("alpha", group["alpha"])

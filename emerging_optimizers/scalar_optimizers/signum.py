@@ -71,12 +71,13 @@ class Signum(ScalarOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, *,
                  correct_bias: bool = True, nesterov: bool = False, use_shape_scaling: bool = False,
                  weight_decay_method: WeightDecayT = "decoupled", fused: bool | None = None,
-                 fp32_state: bool = False,
+                 fp32_state: bool = False, state_dtype: torch.dtype | None = None,
                  nonfinite: NonfiniteT = "skip") -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, correct_bias=correct_bias,
                         nesterov=nesterov, use_shape_scaling=use_shape_scaling,
                         weight_decay_method=weight_decay_method)
-        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite)
+        super().__init__(params, defaults, fused=fused, fp32_state=fp32_state, nonfinite=nonfinite,
+                         state_dtype=state_dtype)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_beta("momentum", group["momentum"])
