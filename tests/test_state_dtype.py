@@ -16,7 +16,8 @@ from torch import nn
 import emerging_optimizers as eo
 from emerging_optimizers.scalar_optimizers.base import stochastic_round_
 
-SCALAR = [n for n in eo.get_optimizer_name_list() if "state_dtype" in inspect.signature(eo.get_optimizer_cls(n)).parameters]
+SCALAR = [n for n in eo.get_optimizer_name_list()
+          if "state_dtype" in inspect.signature(eo.get_optimizer_cls(n)).parameters]
 
 
 def test_every_scalar_optimizer_takes_state_dtype():
