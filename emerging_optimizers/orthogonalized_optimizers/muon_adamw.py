@@ -426,6 +426,8 @@ class MuonAdamW(EmergingOptimizer):
         adamw_kwargs: further arguments of :class:`~emerging_optimizers.scalar_optimizers.AdamW` (``nesterov``,
             ``fused``, ``weight_decay_method``, ...).
         route: ``route(name, param) -> "matrix" | "adamw"`` replacing :func:`default_route` for unpinned groups.
+        state_dtype: both sides' state dtype (``torch.bfloat16``: half the memory, stochastic rounding; AdamW's
+            ``state_dtype`` and the matrix optimizer's ``momentum_dtype``); None: as ``fp32_state`` says.
         fp32_state: keep both sides' state in float32 for bf16/fp16 params (AdamW's ``fp32_state``; Muon's
             momentum, unless ``momentum_dtype`` is set).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"off"``: what a step with NaN/Inf gradients does
@@ -458,6 +460,7 @@ class MuonAdamW(EmergingOptimizer):
         route: RouteFn | None = None,
         fp32_state: bool = False,
         nonfinite: NonfiniteT = "skip",
+        state_dtype: torch.dtype | None = None,
         process_group: Any = None,
         gather_dtype: torch.dtype | None = None,
         reduce_gradients: bool = False,
@@ -477,7 +480,12 @@ class MuonAdamW(EmergingOptimizer):
         adamw_kwargs = _check_kwargs("adamw_kwargs", adamw_kwargs, AdamW,
                                      {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps",
                                       "weight_decay": "adamw_weight_decay", "fp32_state": "fp32_state",
-                                      "nonfinite": "nonfinite"})
+                                      "nonfinite": "nonfinite", "state_dtype": "state_dtype"})
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r}; use None, torch.float32 or torch.bfloat16.")
+        if (state_dtype is not None and "momentum_dtype" in registry.valid_kwargs(matrix_cls)
+                and "momentum_dtype" not in matrix_kwargs):
+            matrix_kwargs = {**matrix_kwargs, "momentum_dtype": state_dtype}
         if route is not None and not callable(route):
             raise TypeError(f"Invalid route: expected a callable route(name, param) -> 'matrix' | 'adamw', got "
                             f"{type(route).__name__}.")
@@ -503,7 +511,8 @@ class MuonAdamW(EmergingOptimizer):
         try:
             adamw = self._build(AdamW, side_groups("adamw"),
                                 dict(lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
-                                     fp32_state=fp32_state, nonfinite=nonfinite, **adamw_kwargs))
+                                     fp32_state=fp32_state, nonfinite=nonfinite, state_dtype=state_dtype,
+                                     **adamw_kwargs))
         except ValueError as e:  # a group's adamw_-prefixed option (or a pinned adamw group's own)
             raise ValueError(f"{e} (on the adamw side: MuonAdamW's adamw_lr, adamw_betas, adamw_eps, "
                              "adamw_weight_decay, or a param group's adamw_-prefixed keys)") from e

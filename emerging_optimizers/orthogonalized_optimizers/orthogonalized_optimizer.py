@@ -24,7 +24,8 @@ hyperparameters are validated in the constructor and in ``add_param_group``. Ass
 ``weight_decay_method`` or ``fp32_matmul_prec`` on the optimizer (as on the reference's) sets every group.
 
 Extra options (keyword-only, stored in the param group): ``momentum_dtype`` (``None``: the parameter's dtype;
-e.g. ``torch.float32`` to keep fp32 momentum for bf16 parameters).
+e.g. ``torch.float32`` to keep fp32 momentum for bf16 parameters; ``torch.bfloat16`` for float32 parameters
+halves the momentum's memory: the EMA is computed in float32 and stored with stochastic rounding).
 
 Distributed (keyword-only, on the optimizer; docs/distributed.md):
 
@@ -63,6 +64,7 @@ from emerging_optimizers.distributed.comm import (
 from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops
 from emerging_optimizers.distributed.sharding import ShardLayout, is_flat_param, shard_layout
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
+from emerging_optimizers.scalar_optimizers.base import stochastic_round_
 from emerging_optimizers.utils import (
     FP32MatmulPrecT,
     check_beta,
@@ -229,11 +231,18 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         grad = apply_weight_decay(local(p), local(p.grad), group["weight_decay_method"], group["lr"],
                                   group["weight_decay"])
         buf = local(state["momentum_buffer"])
+        mu = group["momentum"]
+        state["step"] += 1
+        if buf.dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+            # compressed momentum: the EMA in float32, stored with stochastic rounding (unbiased; the bits
+            # are a hash of the element and the step, so a resumed run is bit-identical)
+            grad = grad.float()
+            work = buf.float().lerp_(grad, 1 - mu)
+            stochastic_round_(buf, work, float(state["step"]))
+            return grad.lerp(work, mu) if group["nesterov"] else work
         if grad.dtype != buf.dtype:
             grad = grad.to(buf.dtype)
-        mu = group["momentum"]
         buf.lerp_(grad, 1 - mu)
-        state["step"] += 1
         return grad.lerp(buf, mu) if group["nesterov"] else buf
 
     def _orthogonalize_params(
