@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
-import traceback
 import warnings
 from typing import Any
 
 import pytest
 import torch
 from contract_cases import CASES, Case
-from distributed_helpers import run_ranks
+from distributed_helpers import gloo_rank, run_ranks
 
 import emerging_optimizers as eo
 from emerging_optimizers.base import NonFiniteGradientError
@@ -291,10 +290,7 @@ def test_bf16_params():
 # All ranks decide together (gloo, loopback): a NaN on one rank skips the step on every rank
 # --------------------------------------------------------------------------------------------------------------
 def _rank_worker(rank: int, world: int, port: int, errors) -> None:
-    try:
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world)
+    with gloo_rank(rank, world, port, errors):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
         opt = eo.MuonAdamW(model, lr=0.02)
@@ -313,11 +309,6 @@ def _rank_worker(rank: int, world: int, port: int, errors) -> None:
         opt.step()  # every rank finite: every rank steps
         assert opt.nonfinite_skipped == 1 and not torch.equal(model.weight, before[0])
         torch.distributed.barrier()
-    except BaseException:  # reported to the parent, which fails the test
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed

@@ -14,11 +14,10 @@ import doctest
 import importlib
 import logging
 import sys
-import traceback
 
 import pytest
 import torch
-from distributed_helpers import run_ranks
+from distributed_helpers import gloo_rank, run_ranks
 from torch import nn
 
 import emerging_optimizers as eo
@@ -385,10 +384,7 @@ def test_newton_schulz_tp_without_partition_is_plain_newton_schulz():
 # Tensor-parallel Newton-Schulz on real processes (gloo, loopback)
 # --------------------------------------------------------------------------------------------------------------
 def _tp_worker(rank: int, world: int, port: int, errors) -> None:
-    try:
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world)
+    with gloo_rank(rank, world, port, errors):
         group = torch.distributed.group.WORLD
         gen = torch.Generator().manual_seed(5)
         for shape in ((16, 24), (24, 16)):
@@ -409,11 +405,6 @@ def _tp_worker(rank: int, world: int, port: int, errors) -> None:
             normed = muon_utils.distributed_normalize_p2(shard, 1e-15, group)
             torch.testing.assert_close(normed, shard / torch.linalg.vector_norm(full), rtol=1e-6, atol=0)
         torch.distributed.barrier()
-    except BaseException:  # report to the parent, which fails the test
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
