@@ -39,7 +39,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = gpt_like_shapes(args.blocks, args.d_model)
     n = sum(torch.Size(s).numel() for _, s in shapes)
-    print(f"GPT-like set: {len(shapes)} tensors, {n / 1e6:.1f}M fp32 params, {args.threads} thread(s)")
+    from emerging_optimizers.cli.bench import cpu_description
+
+    print(cpu_description())
+    print(f"GPT-like set: {len(shapes)} tensors, {n / 1e6:.1f}M fp32 params, {args.threads} thread(s); ours with "
+          "fused=True and the default non-finite check (nonfinite='skip')")
 
     candidates: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
