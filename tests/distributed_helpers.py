@@ -8,8 +8,10 @@ group in a ``finally``). The test fails with every rank's traceback, or when a r
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,8 +37,9 @@ def run_ranks(worker: Callable[..., None], world: int, *args: Any, timeout: floa
         procs = [ctx.Process(target=worker, args=(r, world, port, errors, *args)) for r in range(world)]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout  # one deadline for all ranks, not one per rank
         for p in procs:
-            p.join(timeout=timeout)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for p in procs:  # stop every rank, even when the test fails
             if p.is_alive():
@@ -54,6 +57,11 @@ def run_ranks(worker: Callable[..., None], world: int, *args: Any, timeout: floa
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
+#: A collective that waits longer than this raises (with the stack of where it waited) instead of hanging:
+#: a rank that fails between collectives leaves the others waiting in their next one.
+COLLECTIVE_TIMEOUT_S = 90
+
+
 @contextlib.contextmanager
 def gloo_rank(rank: int, world: int, port: int, errors: Any) -> Iterator[None]:
     """The body of a worker: one thread, a gloo process group on loopback, any failure reported on ``errors``
@@ -63,7 +71,8 @@ def gloo_rank(rank: int, world: int, port: int, errors: Any) -> Iterator[None]:
 
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         yield
     except Exception:
         errors.put(f"rank {rank} of {world}:\n{traceback.format_exc()}")

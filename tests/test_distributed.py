@@ -15,7 +15,8 @@ a missed update or a matrix orthogonalized in pieces fails it.
 
 from __future__ import annotations
 
-import traceback
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -211,6 +212,16 @@ def test_sharded_runs_match_one_process(world: int, layouts: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- every optimizer, DDP
+@contextlib.contextmanager
+def _naming(label: str) -> Iterator[None]:
+    """Re-raise a failure with ``label`` in front. A failing case stops the worker (no later case runs, so the
+    ranks never disagree on which collectives come next); the other rank then fails its next collective
+    after the gloo timeout instead of hanging."""
+    try:
+        yield
+    except Exception as exc:
+        raise AssertionError(f"{label}: {type(exc).__name__}: {exc}") from exc
+
 #: Eigenbasis optimizers whose result moves by up to ~1e-5 in one process when the gradients move by 1e-15
 #: relative (measured: soap 3e-7, rekls 8e-6 after 3 steps): a split batch's rounding does the same.
 _EIGENBASIS = {"soap", "kl_soap", "rekls", "rekls_v3", "stacked_soap"}
@@ -222,7 +233,6 @@ _ROUNDING_CHAOTIC = {"kl_m_soap"}
 def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -> None:
     from contract_cases import CASES
 
-    failures = []
     with gloo_rank(rank, world, port, errors):
         g = torch.Generator().manual_seed(3)
         # 32 samples a step: full-rank gradients. With fewer samples than a matrix's dims, eigenbases (SOAP,
@@ -232,7 +242,7 @@ def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -
                                                                                    dtype=torch.float64))
                 for _ in range(STEPS)]
         for case in {c.id.split("-")[0]: c for c in reversed(CASES)}.values():  # one case per optimizer
-            try:
+            with _naming(case.id):
                 runs = []
                 for wrapped in (False, True):
                     torch.manual_seed(0)
@@ -259,9 +269,6 @@ def _ddp_every_optimizer_worker(rank: int, world: int, port: int, errors: Any) -
                 tol = _EIGENBASIS_TOL if name in _EIGENBASIS else 1e-9
                 for a, b in zip(*runs):
                     torch.testing.assert_close(b, a, atol=tol, rtol=tol)
-            except Exception:
-                failures.append(f"{case.id}: {traceback.format_exc()}")
-        assert not failures, "\n".join(failures)
 
 
 def test_every_optimizer_works_unchanged_under_ddp() -> None:
