@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -79,3 +80,7 @@ def gloo_rank(rank: int, world: int, port: int, errors: Any) -> Iterator[None]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Leave at once: the result is on ``errors`` already, and interpreter shutdown can wait forever on
+        # threads that torch's libraries left behind (seen: a rank that finished its work never exited)
+        sys.stderr.flush()
+        os._exit(0)
