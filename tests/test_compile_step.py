@@ -57,3 +57,39 @@ def test_compiled_step_equals_eager_step(name: str) -> None:
         tol = 2e-5  # its random probes come from the generated code's generator, not eager's (measured 4e-6)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def _graph_counts(case, steps: int = 8) -> list[int]:
+    """Graphs compiled after each of ``steps`` compiled steps, with ``zero_grad()``'s default (set_to_none)."""
+    torch._dynamo.reset()
+    model = _model()
+    opt = case.build(_params(case, model), **{case.lr_arg: case.lr})
+    graphs = [0]
+
+    def counting_backend(gm, example_inputs):
+        graphs[0] += 1
+        return gm.forward
+
+    compiled_step = torch.compile(opt.step, backend=counting_backend)
+    g = torch.Generator().manual_seed(1)
+    counts = []
+    for _ in range(steps):
+        opt.zero_grad()  # set_to_none=True: fresh gradient tensors every step
+        (model(torch.randn(32, 8, generator=g, dtype=torch.float64)) ** 2).mean().backward()
+        compiled_step()
+        counts.append(graphs[0])
+    return counts
+
+
+#: Compiled with torch.compile(opt.step): the step counter is specialized once, then dynamic (as torch.optim's
+#: Python-int steps), so at most the second step compiles again; after it, only the end of a warm-up schedule
+#: (a branch on the step: AdEMAMix's case warms up for 5 steps) compiles once more.
+_BOUNDED = ["adam", "adamw", "ademamix", "sim_ademamix", "laprop", "lion", "signum", "rmsprop", "madam"]
+
+
+@pytest.mark.parametrize("name", _BOUNDED)
+def test_compiled_step_stops_compiling(name: str) -> None:
+    counts = _graph_counts(CASES_BY_NAME[name])
+    warmup_end = 1 if name == "ademamix" else 0
+    assert counts[-1] - counts[1] == warmup_end, f"graphs compiled after each step: {counts}"
+    assert counts[-3:] == [counts[-1]] * 3, f"graphs compiled after each step: {counts}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import emerging_optimizers as eo
-from emerging_optimizers.scalar_optimizers.base import stochastic_round_
+from emerging_optimizers.scalar_optimizers.base import _hash16, stochastic_round_
 
 SCALAR = [n for n in eo.get_optimizer_name_list()
           if "state_dtype" in inspect.signature(eo.get_optimizer_cls(n)).parameters]
@@ -48,6 +48,19 @@ def test_rounding_bits_change_with_the_step():
     assert not torch.equal(a, b)
     stochastic_round_(b, x, 1.0)
     assert torch.equal(a, b)  # same salt, same bits: deterministic
+
+
+def test_shared_rounding_bits_equal_the_per_tensor_hash():
+    """Eagerly, the bits of one salt are hashed once for the longest tensor and sliced for the others: the same
+    bits as hashing per tensor (element i's bits depend on i and the salt only), in any order of sizes."""
+    torch.manual_seed(0)
+    for salt in (3.0, 11.0):
+        for n in (100, 5000, 7, 5000, 123_457, 64):
+            x = torch.randn(n) * 1e-3 + 1.0
+            out = torch.empty(n, dtype=torch.bfloat16)
+            stochastic_round_(out, x, salt)
+            bits = (x.view(torch.int32) + _hash16(n, salt, x.device)) & -65536
+            assert torch.equal(out.float(), bits.view(torch.float32)), (salt, n)
 
 
 @pytest.mark.parametrize("name", SCALAR)

@@ -170,10 +170,17 @@ class OptimizerSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+#: dtype names an override may give (``adamw:state_dtype=bfloat16``), with or without ``torch.``
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
 def _parse_value(text: str) -> Any:
     low = text.strip().lower()
     if low in ("true", "false", "none"):
         return {"true": True, "false": False, "none": None}[low]
+    if low.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[low.removeprefix("torch.")]
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):

@@ -125,9 +125,47 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, salt: float | torch.
     the exponent are the correct roundings); the bits come from :func:`_hash16` of the index and ``salt``.
     """
     src = src.contiguous()
-    noise = _hash16(src.numel(), salt, src.device).view(src.shape)
+    if isinstance(salt, torch.Tensor) or torch.compiler.is_compiling() or src.numel() > _NoiseCache.MAX_NUMEL:
+        noise = _hash16(src.numel(), salt, src.device)
+    else:  # eager: one hash per (device, salt) for every tensor of the step, sliced (element i's bits are the same)
+        noise = _NOISE.get(src.numel(), float(salt), src.device)
+    noise = noise.view(src.shape)
     rounded = (src.view(torch.int32) + noise) & -65536  # clear the 16 low bits: exactly representable in bf16
     return dst.copy_(rounded.view(torch.float32))
+
+
+class _NoiseCache:
+    """The last few salts' :func:`_hash16` bits, as long as the largest tensor asked for.
+
+    Element ``i``'s bits depend only on ``i`` and the salt, so a prefix of a longer run is the run for a
+    shorter tensor: eagerly, the hash (a dozen small ops) is computed once per state tensor kind and step,
+    not once per parameter, and the rounding is bit-identical to computing it per tensor (and to the
+    compiled path, which hashes inside its fused kernel).
+    """
+
+    #: larger tensors hash their own bits (the dozen passes then cost little next to the tensor's traffic)
+    MAX_NUMEL = 1 << 22
+
+    def __init__(self, keep: int = 4) -> None:
+        self._bits: dict[tuple[torch.device, float], torch.Tensor] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, n: int, salt: float, device: torch.device) -> torch.Tensor:
+        key = (device, salt)
+        with self._lock:
+            bits = self._bits.get(key)
+        if bits is None or bits.numel() < n:
+            bits = _hash16(n, salt, device)
+            with self._lock:
+                self._bits.pop(key, None)
+                while len(self._bits) >= self._keep:  # oldest first (dicts keep insertion order)
+                    self._bits.pop(next(iter(self._bits)))
+                self._bits[key] = bits
+        return bits[:n]
+
+
+_NOISE = _NoiseCache()
 
 
 def _axpy(y: torch.Tensor, x: torch.Tensor, a: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -313,6 +351,14 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(-1).detach()
 
 
+@torch.compiler.disable
+def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The params' gradients, fetched outside a user's ``torch.compile(opt.step)``: traced as ``p.grad``,
+    Dynamo would guard on each gradient object and recompile whenever ``zero_grad(set_to_none=True)`` frees
+    them; handed over as plain inputs, they are guarded on shape and dtype only."""
+    return [p.grad for p in params]
+
+
 def _check_state_dtype(state_dtype: Any) -> None:
     if state_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; use None (the parameter's dtype, or float32 with "
@@ -414,7 +460,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         kernel = self._kernel()
         ctxs, eager, buckets = [], [], defaultdict(list)
         fused = self._use_fused(group, params[0].device)
-        for p in params:
+        grads = _grads_of(params)
+        for p, grad in zip(params, grads):
             state = self.state[p]
             state["step"] += 1
             ctxs.append(self.pre_step(p, group))
@@ -422,7 +469,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             scalars = self.scalars(group, state["step"], p)
             if tensors and tensors[0].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
                 scalars = {**scalars, "sr_salt": float(state["step"])}  # compressed state: stochastic rounding
-            job = (local(p), local(p.grad), tensors, scalars)
+            job = (local(p), local(grad), tensors, scalars)
             if fused and job[0].is_contiguous() and all(t.is_contiguous() for t in tensors):
                 # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group
                 # is at the same step; a chunk then hands its scalars to the compiled code once
