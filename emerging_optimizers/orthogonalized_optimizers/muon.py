@@ -127,6 +127,7 @@ class _MatrixJob:
     index: int
     rows: slice
     src: torch.Tensor  # [B, rows, in] view of the direction
+    whole: bool = False  # the job is the whole parameter (no row split)
 
 
 def _matrix_view(x: torch.Tensor, stacked_dims: int) -> torch.Tensor:
@@ -328,7 +329,11 @@ class Muon(OrthogonalizedOptimizer):
         jobs = []
         for i, d in enumerate(directions):
             view = _matrix_view(d, group["stacked_dims"])
-            for rows in _row_slices(view.shape[1], group["split_sizes"]):
+            slices = _row_slices(view.shape[1], group["split_sizes"])
+            if len(slices) == 1:
+                jobs.append(_MatrixJob(i, slices[0], view, whole=True))
+                continue
+            for rows in slices:
                 jobs.append(_MatrixJob(i, rows, view[:, rows]))
         return jobs
 
@@ -348,7 +353,7 @@ class Muon(OrthogonalizedOptimizer):
             chunk = jobs[start:stop]
             batch = chunk[0].src if len(chunk) == 1 else torch.cat([j.src for j in chunk])
             out = scaled_newton_schulz(batch, out_dtype=out_dtype, **kwargs)
-            results.extend(out.split([j.src.shape[0] for j in chunk]))
+            results.extend(out.split([j.src.shape[0] for j in chunk]) if len(chunk) > 1 else (out,))
             start = stop
         return results
 
@@ -364,7 +369,7 @@ class Muon(OrthogonalizedOptimizer):
             out_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
             for job, res in zip(bucket, self._run_bucket(bucket, group, out_dtype)):
                 d = directions[job.index]
-                if job.rows.stop - job.rows.start == _matrix_view(d, group["stacked_dims"]).shape[1]:
+                if job.whole:
                     updates[job.index] = res.reshape(d.shape)  # the whole parameter in one job
                     continue
                 if updates[job.index] is None:

@@ -44,6 +44,7 @@ overrides the choice (e.g. ``torch.bfloat16`` on an AMX CPU, 5-10x faster than f
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -425,6 +426,17 @@ def _ns_gram_segment(x: torch.Tensor, coeffs: Sequence[CoeffT], scale: torch.Ten
 
 def _gram_segments(coeffs: Sequence[Any]) -> list[Sequence[Any]]:
     """Split the steps into Gram segments (see :data:`GRAM_GROWTH`); every segment has >= 1 step."""
+    if isinstance(coeffs, tuple):
+        return list(_gram_segments_cached(coeffs))
+    return _split_gram_segments(coeffs)
+
+
+@functools.lru_cache(maxsize=64)
+def _gram_segments_cached(coeffs: tuple[CoeffT, ...]) -> tuple[Sequence[Any], ...]:
+    return tuple(_split_gram_segments(coeffs))
+
+
+def _split_gram_segments(coeffs: Sequence[Any]) -> list[Sequence[Any]]:
     segments: list[Sequence[Any]] = []
     start, growth, limit = 0, 1.0, GRAM_FIRST_GROWTH
     for i, (a, _, _) in enumerate(coeffs):
@@ -478,8 +490,34 @@ def ns_flop_model(method: str, m: int, n: int, coeffs: Sequence[CoeffT]) -> floa
 
 
 def _choose_method(m: int, n: int, coeffs: Sequence[CoeffT], allow_gram: bool, allow_symmetric: bool = True) -> str:
+    return _choose_method_cached(m, n, tuple(coeffs), allow_gram, allow_symmetric)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_method_cached(m: int, n: int, coeffs: tuple[CoeffT, ...], allow_gram: bool, allow_symmetric: bool) -> str:
+    """:func:`_choose_method`, remembered: the FLOP model costs more than a small matrix's iteration."""
     candidates = ["plain"] + ["symmetric"] * allow_symmetric + ["gram"] * allow_gram
     return min(candidates, key=lambda meth: ns_flop_model(meth, m, n, coeffs))
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_coefficients(steps: int, coefficient_type: str, custom: tuple[CoeffT, ...] | None,
+                         iter_mode: CoeffIterMode | None) -> tuple[CoeffT, ...]:
+    return tuple(get_coefficients(steps, coefficient_type, custom, iter_mode))  # type: ignore[arg-type]
+
+
+def _coefficients(steps: Any, coefficient_type: Any, custom: Any, iter_mode: Any) -> tuple[CoeffT, ...]:
+    """:func:`get_coefficients` as a tuple, validated once per choice (custom sets given as tuples of tuples
+    of numbers are remembered too; anything else is validated on every call)."""
+    if custom is not None and not (
+        isinstance(custom, tuple) and all(isinstance(t, tuple) and all(type(v) in (int, float) for v in t)
+                                          for t in custom)
+    ):
+        return tuple(get_coefficients(steps, coefficient_type, custom, iter_mode))
+    try:
+        return _cached_coefficients(steps, coefficient_type, custom, iter_mode)
+    except TypeError:  # unhashable arguments: let get_coefficients say what is wrong
+        return tuple(get_coefficients(steps, coefficient_type, custom, iter_mode))
 
 
 def prefers_batching(device: torch.device, m: int, n: int) -> bool:
@@ -615,7 +653,7 @@ def newton_schulz(
         raise ValueError(f"tp_group runs the plain (or use_syrk) products; leave method='auto' (got {method!r}).")
     if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"Invalid compute_dtype: {compute_dtype!r}; use a floating dtype.")
-    coeffs = get_coefficients(steps, coefficient_type, custom_coefficient_sets, iter_mode)
+    coeffs = _coefficients(steps, coefficient_type, custom_coefficient_sets, iter_mode)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     cdtype = ns_compute_dtype(x) if compute_dtype is None else compute_dtype
 
@@ -662,9 +700,10 @@ def newton_schulz(
             # e = floor(log2 ||x||) + 1 as a float64 integer (frexp's exponent, or one more when log2 rounds up:
             # either way a power of two, exact); clamped so 2**-e stays a normal number in every compute dtype.
             # Not torch.frexp: torch.compile's CPU code generator fails on its int32 exponent.
-            exponent = (torch.log2(norm).floor() + 1).clamp(-126, 126)
-            y = y.to(cdtype) * torch.ldexp(torch.ones_like(norm), -exponent).to(cdtype)
-            scale = torch.ldexp(inv_norm, exponent).to(cdtype)
+            # (torch.ldexp(v, e) is v * 2.0**e: written out, with 2**-e as the exact reciprocal of 2**e.)
+            pow2 = torch.pow(2.0, torch.log2(norm).floor_().add_(1).clamp_(-126, 126))
+            y = y.to(cdtype) * pow2.reciprocal().to(cdtype)
+            scale = inv_norm.mul_(pow2).to(cdtype)
 
     if stepwise is None and method == "auto":
         # bf16/fp16 products are fast enough that the blocked symmetric ones lose to one plain GEMM (measured).

@@ -63,7 +63,13 @@ from emerging_optimizers.distributed.comm import (
 )
 from emerging_optimizers.distributed.ownership import assign_owners, matrix_ns_flops
 from emerging_optimizers.distributed.sharding import ShardLayout, is_flat_param, shard_layout
-from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, apply_weight_decay, check_weight_decay_method
+from emerging_optimizers.mixin import (
+    WeightDecayMixin,
+    WeightDecayT,
+    apply_weight_decay,
+    check_weight_decay_method,
+    decay_factor,
+)
 from emerging_optimizers.scalar_optimizers.base import stochastic_round_
 from emerging_optimizers.utils import (
     FP32MatmulPrecT,
@@ -543,11 +549,57 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
                 cursor[o] += 1
 
     def _step_bucket(self, group: dict[str, Any], bucket: list[torch.Tensor]) -> None:
-        directions = [self._momentum_direction(p, group) for p in bucket]
+        directions = self._momentum_directions(group, bucket)
         with fp32_matmul_precision(group["fp32_matmul_prec"]):
             updates = self._orthogonalize_params(bucket, directions, group)
-        for p, u in zip(bucket, updates):
-            self._apply_update(p, u, group["lr"])
+        self._apply_updates(bucket, updates, group["lr"])
+
+    def _momentum_directions(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`_momentum_direction` of every param (plain tensors), as multi-tensor ops when it can.
+
+        The ``torch._foreach_*`` form runs the same operations (weight decay, ``lerp_``, Nesterov ``lerp``) with
+        fewer calls; it is used in eager mode when the method is not overridden and every param, gradient and
+        momentum has one dtype (compressed bf16 momentum and mixed dtypes take the per-parameter loop).
+        """
+        base = OrthogonalizedOptimizer
+        # Traced code (torch.compile) fuses the loop anyway; there the foreach form broke MuonHyperball's step.
+        if torch.compiler.is_compiling() or type(self)._momentum_direction is not base._momentum_direction:
+            return [self._momentum_direction(p, group) for p in params]
+        states = [self.state[p] for p in params]
+        bufs = [st["momentum_buffer"] for st in states]
+        grads = [p.grad for p in params]
+        dtype = params[0].dtype
+        for p, g, b in zip(params, grads, bufs):
+            if p.dtype != dtype or g.dtype != dtype or b.dtype != dtype:  # type: ignore[union-attr]
+                return [self._momentum_direction(p, group) for p in params]
+        wd, method = group["weight_decay"], group["weight_decay_method"]
+        if wd != 0:  # apply_weight_decay, for all params at once
+            if method == "l2":
+                grads = list(torch._foreach_add(grads, params, alpha=wd))  # type: ignore[arg-type]
+            else:
+                torch._foreach_mul_(params, decay_factor(method, group["lr"], wd))
+        for st in states:
+            st["step"] += 1
+        mu = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)  # type: ignore[arg-type]
+        return list(torch._foreach_lerp(grads, bufs, mu)) if group["nesterov"] else bufs  # type: ignore[arg-type]
+
+    def _apply_updates(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float) -> None:
+        """:meth:`_apply_update` of every param; one ``torch._foreach_add_`` when nothing hooks into the update
+        (no weight-update hook, pre/post functions or ``_apply_update`` of a subclass)."""
+        cls, base = type(self), OrthogonalizedOptimizer
+        if (cls._apply_update is not base._apply_update
+                or cls.pre_weight_update_fn_inplace is not base.pre_weight_update_fn_inplace
+                or cls.post_weight_update_fn_inplace is not base.post_weight_update_fn_inplace
+                or type(self.weight_update_hook) is not NoOpWeightUpdateHook
+                or torch.compiler.is_compiling()):
+            for p, u in zip(params, updates):
+                self._apply_update(p, u, lr)
+            return
+        for p, u in zip(params, updates):
+            if u.shape != p.shape:
+                self._apply_update(p, u, lr)  # raises the shape error
+        torch._foreach_add_(params, updates, alpha=-lr)
 
     # ------------------------------------------------------------------ extension points
     def _default_scaled_orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
