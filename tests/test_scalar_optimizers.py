@@ -282,6 +282,46 @@ def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypat
     assert fake.trials == 1
 
 
+def test_fused_views_follow_swapped_data_and_loaded_state(monkeypatch):
+    """The fused path keeps flat views of each param and its state between steps: they must follow a param
+    whose data is swapped (``p.data = ...``) and state replaced by ``load_state_dict`` (else silent no-ops)."""
+    fake = _FakeCompiler()
+    fake.gate.set()
+    _fast_path(monkeypatch, fake)
+    a, b = twin_params()
+    o1, o2 = Adam(a, fused=True, nesterov=True), Adam(b, fused=False, nesterov=True)
+    drive(o1, o2, a, b, steps=2)
+    for p, q in zip(a, b):  # new storage, same values
+        p.data = p.detach().clone() * 2
+        q.data = q.detach().clone() * 2
+    drive(o1, o2, a, b, steps=2, seed=2)
+    saved = o2.state_dict()
+    drive(o1, o2, a, b, steps=1, seed=3)
+    o1.load_state_dict(saved)
+    o2.load_state_dict(saved)
+    for p, q in zip(a, b):
+        with torch.no_grad():
+            p.mul_(0.5)
+            q.mul_(0.5)
+    drive(o1, o2, a, b, steps=2, seed=4)  # compares within RTOL/ATOL
+    assert len(fake.calls) > 5  # the compiled (fake) path ran the real chunks
+
+
+def test_fused_scalars_per_param_where_they_depend_on_it(monkeypatch):
+    """Signum's shape scaling makes its scalars differ per parameter: each shape keeps its own."""
+    fake = _FakeCompiler()
+    fake.gate.set()
+    _fast_path(monkeypatch, fake)
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (4, 9), (6, 5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    o1 = Signum(a, lr=0.1, use_shape_scaling=True, fused=True)
+    o2 = Signum(b, lr=0.1, use_shape_scaling=True, fused=False)
+    drive(o1, o2, a, b, steps=3)  # compares within RTOL/ATOL (0-d scalars vs Python floats: last bits)
+    scales = {round(float(args[6]["scale"]), 12) for args, _ in fake.calls[1:]}
+    assert len(scales) == 2  # (6, 5) and (4, 9) each ran with their own scale
+
+
 def test_laprop_frob_normalize_keeps_float64_weights_norm():
     p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     norm = torch.linalg.vector_norm(p).item()

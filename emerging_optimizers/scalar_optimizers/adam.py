@@ -98,6 +98,8 @@ class Adam(ScalarOptimizer):
         fused, fp32_state: see :class:`~emerging_optimizers.scalar_optimizers.base.ScalarOptimizer`.
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg", "exp_avg_sq")
     kernel = staticmethod(adam_kernel)
 

@@ -106,6 +106,8 @@ class AdEMAMix(ScalarOptimizer):
     length), ``eps=1e-8``, no weight decay. State: ``exp_avg_fast``, ``exp_avg_slow``, ``exp_avg_sq``.
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
     kernel = staticmethod(ademamix_kernel)
 
@@ -139,6 +141,8 @@ class SimplifiedAdEMAMix(ScalarOptimizer):
     """Simplified AdEMAMix, with the reference's defaults: ``betas=(0.9999, 0.999)``, ``alpha=2.0``,
     ``min_beta_fast=0.9``, no warm-up, ``eps=1e-8``. State: ``exp_avg`` (an accumulation), ``exp_avg_sq``.
     """
+
+    scalars_use_param = False
 
     state_keys = ("exp_avg", "exp_avg_sq")
     kernel = staticmethod(sim_ademamix_kernel)

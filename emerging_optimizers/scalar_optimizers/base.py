@@ -383,6 +383,9 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
 
     state_keys: ClassVar[tuple[str, ...]] = ()
     kernel: ClassVar[Kernel]
+    #: Whether :meth:`scalars` reads the parameter (its shape, say). False: they are computed once per step and
+    #: dtype for the whole group (each of the package's optimizers says which holds; True is the safe default).
+    scalars_use_param: ClassVar[bool] = True
     #: DTensor parameters (FSDP2, tensor parallel): the kernel runs on the local shards, no communication
     #: (``scalars`` and the ``pre_step``/``post_step`` hooks see the DTensor: global shape, global norms).
     dtensor_support = True
@@ -399,6 +402,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite)  # validates every group (add_param_group)
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._auto_fuse = total >= AUTO_FUSE_MIN_NUMEL
+        # the fused path's flat views of each param and its state (keyed by the param, as ``self.state``)
+        self._views: dict[torch.Tensor, Any] = {}
 
     # ------------------------------------------------------------------ per-algorithm interface
     def scalars(self, group: dict[str, Any], step: int, p: torch.Tensor) -> dict[str, Any]:
@@ -458,54 +463,100 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         l2 = wd if has_l2 else 0.0
         keys = self.state_keys_for(group)
         kernel = self._kernel()
-        ctxs, eager, buckets = [], [], defaultdict(list)
-        fused = self._use_fused(group, params[0].device)
+        hooked = type(self).pre_step is not ScalarOptimizer.pre_step or type(self).post_step is not ScalarOptimizer.post_step
+        ctxs = [self.pre_step(p, group) for p in params] if hooked else None
         grads = _grads_of(params)
+        jobs = []
+        shared: dict[Any, dict[str, Any]] = {}  # scalars of a (step, dtype), when they do not depend on the param
+        # (not under a user's torch.compile: a dict keyed by the traced step would specialize on its value)
+        share = not self.scalars_use_param and not torch.compiler.is_compiling()
         for p, grad in zip(params, grads):
             state = self.state[p]
-            state["step"] += 1
-            ctxs.append(self.pre_step(p, group))
-            tensors = tuple(local(state[k]) for k in keys)
-            scalars = self.scalars(group, state["step"], p)
-            if tensors and tensors[0].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
-                scalars = {**scalars, "sr_salt": float(state["step"])}  # compressed state: stochastic rounding
-            job = (local(p), local(grad), tensors, scalars)
-            if fused and job[0].is_contiguous() and all(t.is_contiguous() for t in tensors):
-                # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group
-                # is at the same step; a chunk then hands its scalars to the compiled code once
-                key = (job[0].device, p.dtype, tensors[0].dtype if tensors else None, tuple(scalars.items()))
-                buckets[key].append(job)
-            else:
+            state["step"] = step = state["step"] + 1
+            skey = (step, p.dtype)
+            scalars = shared.get(skey) if share else None
+            if scalars is None:
+                scalars = self.scalars(group, step, p)
+                if keys and state[keys[0]].dtype == torch.bfloat16 and p.dtype != torch.bfloat16:
+                    scalars = {**scalars, "sr_salt": float(step)}  # compressed state: stochastic rounding
+                if share:
+                    shared[skey] = scalars
+            jobs.append((p, grad, scalars))
+        eager = jobs
+        if self._use_fused(group, params[0].device):
+            eager = self._fused_steps(group, jobs, keys, kernel, lr, decay, l2, flags)
+        for p, grad, scalars in eager:
+            param_step(local(p), local(grad), tuple(local(self.state[p][k]) for k in keys), lr, decay, l2, scalars,
+                       kernel=kernel, **flags)
+        if hooked:
+            for p, ctx in zip(params, ctxs):  # type: ignore[arg-type]
+                self.post_step(p, group, ctx)
+
+    def _fused_steps(self, group: dict[str, Any], jobs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
+                     keys: tuple[str, ...], kernel: Kernel, lr: float, decay: float, l2: float,
+                     flags: dict[str, bool]) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """The compiled chunks of a group's step; returns the jobs left to the eager path (compiling in the
+        background, failed to compile, or tensors that are not contiguous)."""
+        eager = []
+        buckets: dict[Any, list[tuple[Any, ...]]] = defaultdict(list)
+        for job in jobs:
+            p, grad, scalars = job
+            views = self._flat_views(p, keys)
+            if views is None:
                 eager.append(job)
+                continue
+            # one bucket per (device, dtypes, scalars): usually one per dtype, as every param of a group is at
+            # the same step; a chunk then hands its scalars to the compiled code once. Shared scalars are one
+            # dict (its id is the key); per-param ones are compared by value.
+            skey = tuple(scalars.items()) if self.scalars_use_param else id(scalars)
+            buckets[(views[0].device, p.dtype, views[1][0].dtype if keys else None, skey)].append(
+                (views, local(grad), job))
         cache: dict[Any, dict[str, Any]] = {}
         # compiled chunks always decay (a factor of 1.0 when there is none): an lr reaching 0 does not recompile
         compiled_flags = dict(flags, has_decay=True)
-        for (device, *_), jobs in buckets.items():
+        for (device, *_), items in buckets.items():
             # float64 scalars: ``1 - beta2`` and friends are then computed as eagerly (in double, rounded once
             # into the float32 op), not in float32 (1 - 0.999 off by 1e-5 relative); same speed (memory-bound)
             hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, torch.float64)
-            scalars = _as_tensors(jobs[0][3], device, cache, torch.float64)
-            for i in range(0, len(jobs), FUSED_CHUNK):
-                chunk = jobs[i : i + FUSED_CHUNK]
-                args = ([_flat(p) for p, _, _, _ in chunk], [g.reshape(-1) for _, g, _, _ in chunk],
-                        [tuple(map(_flat, t)) for _, _, t, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"],
-                        scalars)
+            scalars = _as_tensors(items[0][2][2], device, cache, torch.float64)
+            for i in range(0, len(items), FUSED_CHUNK):
+                chunk = items[i : i + FUSED_CHUNK]
+                args = ([v[0] for v, _, _ in chunk], [g.view(-1) if g.is_contiguous() else g.reshape(-1)
+                                                       for _, g, _ in chunk],
+                        [v[1] for v, _, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"], scalars)
                 fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True,
                                    who=type(self).__name__)
                 if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
-                    eager.extend(chunk)
+                    eager.extend(job for _, _, job in chunk)
                     continue
                 try:
                     fn(*args, **compiled_flags)
                 except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
                     _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags))
                     warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
-                                  f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=3)
-                    eager.extend(chunk)
-        for p, grad, tensors, scalars in eager:
-            param_step(p, grad, tensors, lr, decay, l2, scalars, kernel=kernel, **flags)
-        for p, ctx in zip(params, ctxs):
-            self.post_step(p, group, ctx)
+                                  f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=4)
+                    eager.extend(job for _, _, job in chunk)
+        return eager
+
+    def _flat_views(self, p: torch.Tensor, keys: tuple[str, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """1-D aliases of ``p``'s local tensor and of its state tensors (see :func:`_flat`), or None when one is
+        not contiguous. Kept between steps while the parameter and its state tensors are the same objects
+        (``load_state_dict`` replaces state tensors: the views are then rebuilt)."""
+        state = self.state[p]
+        srcs = tuple(state[k] for k in keys)
+        lp = local(p)
+        cached = self._views.get(p)
+        # valid while the state tensors are the same objects and the param's data has not been swapped
+        # (``p.data = ...`` keeps the Parameter and changes its storage)
+        if (cached is not None and cached[2] == lp.data_ptr() and len(cached[0]) == len(srcs)
+                and all(a is b for a, b in zip(cached[0], srcs))):
+            return cached[1]
+        tensors = tuple(local(t) for t in srcs)
+        views = None
+        if lp.is_contiguous() and all(t.is_contiguous() for t in tensors):
+            views = (_flat(lp), tuple(map(_flat, tensors)))
+        self._views[p] = (srcs, views, lp.data_ptr())
+        return views
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +609,7 @@ class UpdateFnOptimizer(ScalarOptimizer):
     """
 
     state_keys: ClassVar[tuple[str, ...]] = ()
+    scalars_use_param = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, update_fn: Callable[..., torch.Tensor],
                  update_kwarg_names: tuple[str, ...], weight_decay_method: WeightDecayT = "decoupled",

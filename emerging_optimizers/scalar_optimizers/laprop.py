@@ -57,6 +57,8 @@ class LaProp(ScalarOptimizer):
     constraint; combining it with weight decay is pointless, the decay is undone, so it warns).
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg", "exp_avg_sq")
     kernel = staticmethod(laprop_kernel)
 

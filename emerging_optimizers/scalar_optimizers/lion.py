@@ -38,6 +38,8 @@ class Lion(ScalarOptimizer):
     decoupled (Lion's sign update has unit RMS, so it wants an lr 3-10x below AdamW's and a larger decay).
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg",)
     kernel = staticmethod(lion_kernel)
 

@@ -63,6 +63,8 @@ class MAdam(ScalarOptimizer):
     State: ``exp_avg``, ``exp_avg_sq`` (holding ``2**scale_log2`` times the EMA of ``g**2``).
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg", "exp_avg_sq")
     kernel = staticmethod(madam_kernel)
 

@@ -39,6 +39,8 @@ class RMSProp(ScalarOptimizer):
     ``"l2"``.
     """
 
+    scalars_use_param = False
+
     state_keys = ("exp_avg_sq",)
     kernel = staticmethod(rmsprop_kernel)
 

@@ -66,6 +66,8 @@ class Signum(ScalarOptimizer):
     no Nesterov, no shape scaling. ``momentum=0`` is signSGD and keeps no state but ``step``.
     """
 
+    scalars_use_param = True  # the shape scaling
+
     kernel = staticmethod(signum_kernel)
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0, *,
