@@ -109,6 +109,14 @@ def _meta_like(p: torch.Tensor) -> torch.Tensor:
     return torch.empty(p.shape, dtype=p.dtype, device="meta")
 
 
+@torch.compiler.disable
+def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The params' gradients, fetched outside a user's ``torch.compile(opt.step)``: traced as ``p.grad``,
+    Dynamo would guard on each gradient object and recompile whenever ``zero_grad(set_to_none=True)`` frees
+    them; handed over as plain inputs, they are guarded on shape and dtype only."""
+    return [p.grad for p in params]
+
+
 class EmergingOptimizer(torch.optim.Optimizer):
     """Base class: closures, grad checks, lazy state, validated ``load_state_dict``."""
 

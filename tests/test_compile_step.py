@@ -93,3 +93,14 @@ def test_compiled_step_stops_compiling(name: str) -> None:
     warmup_end = 1 if name == "ademamix" else 0
     assert counts[-1] - counts[1] == warmup_end, f"graphs compiled after each step: {counts}"
     assert counts[-3:] == [counts[-1]] * 3, f"graphs compiled after each step: {counts}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES_BY_NAME))
+def test_every_compiled_step_stops_compiling(name: str) -> None:
+    """Every optimizer under torch.compile(opt.step) with zero_grad()'s default set_to_none=True: graphs are
+    built in the first steps (the step counter, warm-ups, preconditioner schedules), none after the fourth.
+    Before, reading ``p.grad`` in traced code made Dynamo guard on each gradient object and recompile every
+    step until its limit (then run eagerly)."""
+    counts = _graph_counts(CASES_BY_NAME[name])
+    assert counts[4:] == [counts[-1]] * (len(counts) - 4), f"graphs compiled after each step: {counts}"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, _grads_of
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.utils import check_beta, check_nonneg
 
@@ -87,8 +87,8 @@ class Signum(EmergingOptimizer):
         return {"mom": torch.zeros_like(p)} if group["momentum"] > 0 else {}
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        for p in params:
-            assert p.grad is not None
-            mxnet_signum_update_(p, p.grad, self.state[p].get("mom"), lr=group["lr"], momentum=group["momentum"],
+        for p, grad in zip(params, _grads_of(params)):  # fetched outside a user's torch.compile (see _grads_of)
+            assert grad is not None
+            mxnet_signum_update_(p, grad, self.state[p].get("mom"), lr=group["lr"], momentum=group["momentum"],
                                  wd=group["wd"], wd_lh=group["wd_lh"], rescale_grad=group["rescale_grad"],
                                  clip_gradient=group["clip_gradient"])

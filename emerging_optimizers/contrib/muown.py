@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import NonfiniteT, ParamsT
+from emerging_optimizers.base import NonfiniteT, ParamsT, _grads_of
 from emerging_optimizers.contrib.row_norm import row_norm_fn, row_norms
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon, MuonScaleT
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, NSMethodT
@@ -159,12 +159,12 @@ class Muown(Muon):
         # called per bucket of same-shape matrices by OrthogonalizedOptimizer._step_group
         lr, mu = group["lr"], group["momentum"]
         dirs_v, directions = [], []
-        for p in params:
+        for p, grad in zip(params, _grads_of(params)):  # fetched outside a user's torch.compile (see _grads_of)
             state = self.state[p]
-            assert p.grad is not None
+            assert grad is not None
             state["step"] += 1
             dtype = state["g"].dtype
-            u, grad_g, grad_v = weight_norm_grads(p.detach().to(dtype), p.grad.to(dtype), state["g"], state["v_norm"])
+            u, grad_g, grad_v = weight_norm_grads(p.detach().to(dtype), grad.to(dtype), state["g"], state["v_norm"])
             buf = state["momentum_buffer"]
             buf.lerp_(grad_v, 1.0 - mu)
             directions.append(grad_v.lerp(buf, mu) if group["nesterov"] else buf)

@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Generic
 import torch
 import torch.distributed as dist
 
-from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, _grads_of, group_default
 from emerging_optimizers.distributed.comm import (
     COMM_STATS,
     all_gather_owned,
@@ -230,11 +230,14 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         return {"step": 0, "momentum_buffer": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
 
     # ------------------------------------------------------------------ step
-    def _momentum_direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Steps 1-3 for one parameter: weight decay, momentum EMA, (Nesterov) direction."""
+    def _momentum_direction(self, p: torch.Tensor, group: dict[str, Any],
+                            grad: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 1-3 for one parameter: weight decay, momentum EMA, (Nesterov) direction (``grad``: ``p.grad``
+        when not given; the step hands it over, fetched outside a user's torch.compile, see :func:`_grads_of`)."""
         state = self.state[p]
-        assert p.grad is not None
-        grad = apply_weight_decay(local(p), local(p.grad), group["weight_decay_method"], group["lr"],
+        grad = p.grad if grad is None else grad
+        assert grad is not None
+        grad = apply_weight_decay(local(p), local(grad), group["weight_decay_method"], group["lr"],
                                   group["weight_decay"])
         buf = local(state["momentum_buffer"])
         mu = group["momentum"]
@@ -262,7 +265,8 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         kwargs = {k: v for k, v in group.items() if k != "params"}
         return [self.orthogonalize(p, d, **kwargs) for p, d in zip(params, directions)]
 
-    def _apply_update(self, p: torch.Tensor, update: torch.Tensor, lr: float) -> None:
+    def _apply_update(self, p: torch.Tensor, update: torch.Tensor, lr: float,
+                      grad: torch.Tensor | None = None) -> None:
         """Step 5: subclass and hook pre functions, ``p <- p - lr * update``, post functions."""
         if is_dtensor(p):  # the local shard's update (hooks and pre/post functions are refused for DTensors)
             local(p).add_(update, alpha=-lr)
@@ -272,7 +276,8 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
                 f"{type(self).__name__}.orthogonalize returned shape {tuple(update.shape)} for a parameter of "
                 f"shape {tuple(p.shape)}; it must return the parameter's shape."
             )
-        if _shares_storage(update, self.state[p]["momentum_buffer"]) or _shares_storage(update, p.grad):
+        if self._update_hooked() and (_shares_storage(update, self.state[p]["momentum_buffer"])
+                                      or _shares_storage(update, p.grad if grad is None else grad)):
             update = update.clone()  # the hooks may modify it in place; never let them touch state or grad
         self.pre_weight_update_fn_inplace(p, update)
         hook_state = self.weight_update_hook.pre_weight_update_inplace(p, update)
@@ -549,12 +554,14 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
                 cursor[o] += 1
 
     def _step_bucket(self, group: dict[str, Any], bucket: list[torch.Tensor]) -> None:
-        directions = self._momentum_directions(group, bucket)
+        grads = _grads_of(bucket)
+        directions = self._momentum_directions(group, bucket, grads)
         with fp32_matmul_precision(group["fp32_matmul_prec"]):
             updates = self._orthogonalize_params(bucket, directions, group)
-        self._apply_updates(bucket, updates, group["lr"])
+        self._apply_updates(bucket, updates, group["lr"], grads)
 
-    def _momentum_directions(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _momentum_directions(self, group: dict[str, Any], params: list[torch.Tensor],
+                             grads: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """:meth:`_momentum_direction` of every param (plain tensors), as multi-tensor ops when it can.
 
         The ``torch._foreach_*`` form runs the same operations (weight decay, ``lerp_``, Nesterov ``lerp``) with
@@ -563,15 +570,18 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         """
         base = OrthogonalizedOptimizer
         # Traced code (torch.compile) fuses the loop anyway; there the foreach form broke MuonHyperball's step.
-        if torch.compiler.is_compiling() or type(self)._momentum_direction is not base._momentum_direction:
+        if grads is None:
+            grads = [p.grad for p in params]  # type: ignore[misc]
+        if type(self)._momentum_direction is not base._momentum_direction:  # a subclass's: ``(p, group)``
             return [self._momentum_direction(p, group) for p in params]
+        if torch.compiler.is_compiling():
+            return [self._momentum_direction(p, group, g) for p, g in zip(params, grads)]
         states = [self.state[p] for p in params]
         bufs = [st["momentum_buffer"] for st in states]
-        grads = [p.grad for p in params]
         dtype = params[0].dtype
         for p, g, b in zip(params, grads, bufs):
             if p.dtype != dtype or g.dtype != dtype or b.dtype != dtype:  # type: ignore[union-attr]
-                return [self._momentum_direction(p, group) for p in params]
+                return [self._momentum_direction(p, group, g) for p, g in zip(params, grads)]
         wd, method = group["weight_decay"], group["weight_decay_method"]
         if wd != 0:  # apply_weight_decay, for all params at once
             if method == "l2":
@@ -584,17 +594,24 @@ class OrthogonalizedOptimizer(WeightDecayMixin, EmergingOptimizer, Generic[HookS
         torch._foreach_lerp_(bufs, grads, 1 - mu)  # type: ignore[arg-type]
         return list(torch._foreach_lerp(grads, bufs, mu)) if group["nesterov"] else bufs  # type: ignore[arg-type]
 
-    def _apply_updates(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float) -> None:
+    def _update_hooked(self) -> bool:
+        """Whether anything may see or change an update before it is applied (hooks, pre/post functions)."""
+        cls, base = type(self), OrthogonalizedOptimizer
+        return (cls.pre_weight_update_fn_inplace is not base.pre_weight_update_fn_inplace
+                or cls.post_weight_update_fn_inplace is not base.post_weight_update_fn_inplace
+                or type(self.weight_update_hook) is not NoOpWeightUpdateHook)
+
+    def _apply_updates(self, params: list[torch.Tensor], updates: list[torch.Tensor], lr: float,
+                       grads: list[torch.Tensor] | None = None) -> None:
         """:meth:`_apply_update` of every param; one ``torch._foreach_add_`` when nothing hooks into the update
         (no weight-update hook, pre/post functions or ``_apply_update`` of a subclass)."""
-        cls, base = type(self), OrthogonalizedOptimizer
-        if (cls._apply_update is not base._apply_update
-                or cls.pre_weight_update_fn_inplace is not base.pre_weight_update_fn_inplace
-                or cls.post_weight_update_fn_inplace is not base.post_weight_update_fn_inplace
-                or type(self.weight_update_hook) is not NoOpWeightUpdateHook
-                or torch.compiler.is_compiling()):
-            for p, u in zip(params, updates):
-                self._apply_update(p, u, lr)
+        own = type(self)._apply_update is OrthogonalizedOptimizer._apply_update
+        if not own or self._update_hooked() or torch.compiler.is_compiling():
+            for i, (p, u) in enumerate(zip(params, updates)):
+                if own and grads is not None:  # a subclass's _apply_update may not take ``grad``
+                    self._apply_update(p, u, lr, grad=grads[i])
+                else:
+                    self._apply_update(p, u, lr)
             return
         for p, u in zip(params, updates):
             if u.shape != p.shape:

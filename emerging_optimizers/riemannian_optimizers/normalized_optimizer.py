@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from emerging_optimizers.base import NonfiniteT, ParamsT, group_default
+from emerging_optimizers.base import NonfiniteT, ParamsT, _grads_of, group_default
 from emerging_optimizers.mixin import WeightDecayT, apply_weight_decay, check_weight_decay_method
 from emerging_optimizers.registry import register_optimizer
 from emerging_optimizers.riemannian_optimizers._base import ManifoldOptimizer, state_dtype
@@ -177,10 +177,10 @@ class _ObliqueOptimizer(ManifoldOptimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr = group["lr"]
-        for p in params:
-            assert p.grad is not None
+        for p, grad in zip(params, _grads_of(params)):  # fetched outside a user's torch.compile (see _grads_of)
+            assert grad is not None
             dtype = state_dtype(p)
-            direction = self._direction(p.grad.to(dtype), self.state[p], group)
+            direction = self._direction(grad.to(dtype), self.state[p], group)
             if lr == 0:  # a zero step: the point itself (see the module docstring)
                 continue
             in_place = p.dtype == dtype and p.is_contiguous()

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, group_default
+from emerging_optimizers.base import EmergingOptimizer, NonfiniteT, ParamsT, _grads_of, group_default
 from emerging_optimizers.distributed.comm import local
 from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weight_decay_method, decay_factor
 from emerging_optimizers.utils import check_beta, check_nonneg
@@ -349,14 +349,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     shape; this alias shares storage, so in-place updates reach the original tensor.
     """
     return t.detach().view(-1).detach()
-
-
-@torch.compiler.disable
-def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The params' gradients, fetched outside a user's ``torch.compile(opt.step)``: traced as ``p.grad``,
-    Dynamo would guard on each gradient object and recompile whenever ``zero_grad(set_to_none=True)`` frees
-    them; handed over as plain inputs, they are guarded on shape and dtype only."""
-    return [p.grad for p in params]
 
 
 def _check_state_dtype(state_dtype: Any) -> None:
