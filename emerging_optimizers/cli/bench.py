@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from emerging_optimizers import registry
+from emerging_optimizers import utils as eo_utils
 from emerging_optimizers.cli import specs
 from emerging_optimizers.cli.models import CharTransformer
 
@@ -95,10 +96,15 @@ def cpu_flags() -> frozenset[str] | None:
 def cpu_has_bf16_matmul() -> bool:
     """Whether the CPU has bf16 matrix-multiply units (AMX-BF16 or AVX512-BF16 on x86, BF16 on Arm).
 
-    False where they are absent or the flags cannot be read (not Linux): :func:`cpu_description` says which.
+    The flags of :func:`cpu_flags` judged by the rule of :func:`emerging_optimizers.utils.cpu_has_bf16_matmul`
+    (the answer that picks bf16 Newton-Schulz): on Linux both read the same ``/proc/cpuinfo`` flags. Where the
+    flags cannot be read (not Linux) it is that function's answer (torch's own CPU probes), and
+    :func:`cpu_description` says the capability is unknown.
     """
     flags = cpu_flags()
-    return bool(flags and ({"amx_bf16", "avx512_bf16"} & flags or "bf16" in flags))
+    if flags is None:
+        return eo_utils.cpu_has_bf16_matmul()
+    return eo_utils.bf16_matmul_in_cpu_flags(flags)
 
 
 def _logical_cpus() -> int:
@@ -444,7 +450,9 @@ def _run(args: argparse.Namespace, spec_list: list[specs.OptimizerSpec]) -> int:
             fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
             muon_estimate = torch_muon_step_s([p.shape for _, p in hidden], bf16)
             units = "has" if cpu_has_bf16_matmul() else ("has no" if cpu_flags() is not None else "may lack")
-            print(f"torch.optim.Muon runs its Newton-Schulz in bf16 (fixed by torch; ours run in fp32 unless told): "
+            ours = ("bf16 on this CPU (AMX-BF16)" if eo_utils.cpu_has_amx_bf16()
+                    else "fp32 here (bf16 only with AMX-BF16)")
+            print(f"torch.optim.Muon runs its Newton-Schulz in bf16 (fixed by torch; ours under 'medium': {ours}): "
                   f"this CPU {units} bf16 matmul units; probe (256x256 matmul): bf16 {bf16:.1f} GFLOP/s, fp32 "
                   f"{fp32:.1f} GFLOP/s; a torch Muon step estimated at {_secs(muon_estimate)} s", flush=True)
     for s in spec_list:

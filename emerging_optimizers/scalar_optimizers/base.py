@@ -455,7 +455,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         l2 = wd if has_l2 else 0.0
         keys = self.state_keys_for(group)
         kernel = self._kernel()
-        hooked = type(self).pre_step is not ScalarOptimizer.pre_step or type(self).post_step is not ScalarOptimizer.post_step
+        cls = type(self)
+        hooked = cls.pre_step is not ScalarOptimizer.pre_step or cls.post_step is not ScalarOptimizer.post_step
         ctxs = [self.pre_step(p, group) for p in params] if hooked else None
         grads = _grads_of(params)
         jobs = []
@@ -530,7 +531,8 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
                     eager.extend(job for _, _, job in chunk)
         return eager
 
-    def _flat_views(self, p: torch.Tensor, keys: tuple[str, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+    def _flat_views(self, p: torch.Tensor,
+                    keys: tuple[str, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """1-D aliases of ``p``'s local tensor and of its state tensors (see :func:`_flat`), or None when one is
         not contiguous. Kept between steps while the parameter and its state tensors are the same objects
         (``load_state_dict`` replaces state tensors: the views are then rebuilt)."""
