@@ -36,6 +36,7 @@ from emerging_optimizers.utils.nonfinite import (
     all_ranks_agree,
     nonfinite_counts,
     nonfinite_flag,
+    several_ranks,
 )
 
 __all__ = ["EmergingOptimizer", "NonFiniteGradientError", "NonfiniteT", "ParamsT", "group_default",
@@ -201,7 +202,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if self._nonfinite_skip():
             return loss
         for group in self.param_groups:
-            self._prepare_group(group)
+            # the gradients of checked groups were validated by ``_nonfinite_skip`` (before reading them)
+            self._prepare_group(group, grads_checked=group["nonfinite"] != "off")
             params = self._params_to_step(group)
             if params:
                 self._step_group(group, params)
@@ -237,6 +239,8 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if suspect.item():  # rare: confirm tensor by tensor (finite values whose squares overflow are fine)
             bad = [(gi, i, p, nonfinite_counts(local(p.grad))) for gi, i, p in checked]
             bad = [b for b in bad if any(b[3])]
+        if not bad and not several_ranks(self._nonfinite_group()):  # the common case: nothing to agree on
+            return False
         flag = all_ranks_agree(torch.tensor(float(bool(bad))), self._nonfinite_group())
         if not flag.item():
             return False
@@ -278,13 +282,15 @@ class EmergingOptimizer(torch.optim.Optimizer):
         self._prepare_group(group, skip_non_grad_params)
 
     @torch.compiler.disable
-    def _prepare_group(self, group: dict[str, Any], skip_non_grad_params: bool = True) -> None:
+    def _prepare_group(self, group: dict[str, Any], skip_non_grad_params: bool = True, *,
+                       grads_checked: bool = False) -> None:
         # ``step`` calls this, not ``_init_group``: torch.compile replaces a call named ``_init_group`` by its own
         # handling, which assumes torch.optim's tensor ``step`` counters. Under torch.compile(opt.step) it runs
         # eagerly (``compiler.disable``), as torch runs ``_init_group``: state is created once, not traced.
         for p in group["params"]:
             if p.grad is not None:
-                self._check_grad(p)
+                if not grads_checked:
+                    self._check_grad(p)
             elif skip_non_grad_params:
                 continue
             if not self.state[p]:
@@ -298,12 +304,12 @@ class EmergingOptimizer(torch.optim.Optimizer):
     def _check_grad(self, p: torch.Tensor) -> None:
         grad = p.grad
         assert grad is not None
-        if grad.is_sparse:
+        if grad.layout is not torch.strided and grad.is_sparse:
             raise ValueError(
                 f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
                 "use dense gradients, e.g. nn.Embedding(..., sparse=False)."
             )
-        if grad.is_complex() or p.is_complex():
+        if grad.dtype.is_complex or p.dtype.is_complex:
             raise ValueError(
                 f"{type(self).__name__} does not support complex parameters or gradients (parameter of shape "
                 f"{tuple(p.shape)}, dtype {p.dtype}); optimize torch.view_as_real(p) instead."

@@ -45,13 +45,21 @@ class CommStats:
 COMM_STATS = CommStats()
 
 
+#: Tensor types that are never DTensors: answered without attribute lookups (called per tensor, per step).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel parameter or state)."""
+    if type(t) in _PLAIN_TENSOR_TYPES:
+        return False
     return hasattr(t, "_local_tensor") and hasattr(t, "placements") and hasattr(t, "device_mesh")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t``: the local shard of a DTensor (same storage: in-place ops reach it), else ``t``."""
+    if type(t) in _PLAIN_TENSOR_TYPES:
+        return t
     return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
 
 

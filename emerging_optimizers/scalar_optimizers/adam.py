@@ -73,11 +73,14 @@ def _torch_fused_kernel(opt: Any, group: dict[str, Any], params: list[torch.Tens
     kernel = kernels.get(method)
     if kernel is None:
         return None
+    state = opt.state
     for p in params:
-        state = opt.state[p]
+        st = state[p]
         lp = local(p)
-        if (lp.device.type not in ("cpu", "cuda") or not lp.is_floating_point() or lp.is_sparse
-                or state["exp_avg"].dtype != p.dtype or state["exp_avg_sq"].dtype != p.dtype):
+        dtype = p.dtype
+        if (st["exp_avg"].dtype is not dtype or st["exp_avg_sq"].dtype is not dtype
+                or lp.device.type not in ("cpu", "cuda") or not dtype.is_floating_point
+                or lp.layout is not torch.strided):
             return None
     return kernel
 
@@ -128,17 +131,19 @@ class Adam(ScalarOptimizer):
         if kernel is None:
             super()._step_group(group, params)
             return
+        state = self.state
         buckets: dict[Any, list[torch.Tensor]] = {}
         for p in params:
-            state = self.state[p]
-            state["step"] += 1
-            buckets.setdefault((local(p).device, p.dtype, state["step"]), []).append(p)
+            st = state[p]
+            st["step"] += 1
+            buckets.setdefault((local(p).device, p.dtype, st["step"]), []).append(p)
         b1, b2 = group["betas"]
         for (device, _, step), ps in buckets.items():
+            sts = [state[p] for p in ps]
             steps = [torch.tensor(float(step), device=device if device.type != "cpu" else None)] * len(ps)
-            kernel([local(p) for p in ps], [local(p.grad) for p in ps],
-                   [local(self.state[p]["exp_avg"]) for p in ps], [local(self.state[p]["exp_avg_sq"]) for p in ps],
-                   [], steps, lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+            kernel([local(p) for p in ps], [local(p.grad) for p in ps], [local(st["exp_avg"]) for st in sts],
+                   [local(st["exp_avg_sq"]) for st in sts], [], steps, lr=group["lr"], beta1=b1, beta2=b2,
+                   weight_decay=group["weight_decay"],
                    eps=group["eps"], amsgrad=False, maximize=False)
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 __all__ = ["NONFINITE_POLICIES", "NonfiniteT", "NonFiniteGradientError", "nonfinite_counts", "nonfinite_flag",
-           "all_ranks_agree"]
+           "all_ranks_agree", "several_ranks"]
 
 NonfiniteT = Literal["skip", "raise", "off"]
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "off")
@@ -50,6 +50,13 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return flag.to(torch.float32)
 
 
+def several_ranks(group: object | None = None) -> bool:
+    """Whether torch.distributed is running with more than one rank in ``group`` (the default group when None)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1  # type: ignore[arg-type]
+
+
 def all_ranks_agree(flag: torch.Tensor, group: object | None = None) -> torch.Tensor:
     """``flag`` max-reduced over ``group`` (the default group when None) when torch.distributed is running.
 
@@ -58,7 +65,7 @@ def all_ranks_agree(flag: torch.Tensor, group: object | None = None) -> torch.Te
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:  # type: ignore[arg-type]
+    if not several_ranks(group):
         return flag
     if dist.get_backend(group) == "nccl" and flag.device.type != "cuda":  # type: ignore[arg-type]
         flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
