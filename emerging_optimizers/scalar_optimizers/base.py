@@ -87,7 +87,7 @@ def param_step(
     else:
         work = state
     compute_dtype = work[0].dtype if work else p.dtype
-    g = grad.to(compute_dtype)
+    g = grad if grad.dtype == compute_dtype else grad.to(compute_dtype)
     if has_l2:
         g = _axpy(g, p.to(compute_dtype), l2)
     if has_decay:
