@@ -199,11 +199,11 @@ class EmergingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._nonfinite_skip():
+        if self._nonfinite_skip():  # validates the gradients it reads (groups with a policy)
             return loss
+        self._check_unread_grads()  # and the others: every gradient is valid before anything changes
         for group in self.param_groups:
-            # the gradients of checked groups were validated by ``_nonfinite_skip`` (before reading them)
-            self._prepare_group(group, grads_checked=group["nonfinite"] != "off")
+            self._prepare_group(group, grads_checked=True)
             params = self._params_to_step(group)
             if params:
                 self._step_group(group, params)
@@ -280,6 +280,16 @@ class EmergingOptimizer(torch.optim.Optimizer):
         it so before loading a checkpoint). Returns None, as the reference library's.
         """
         self._prepare_group(group, skip_non_grad_params)
+
+    @torch.compiler.disable
+    def _check_unread_grads(self) -> None:
+        """:meth:`_check_grad` for the gradients of the groups with ``nonfinite="off"`` (the non-finite check
+        validates the others before reading them)."""
+        for group in self.param_groups:
+            if group["nonfinite"] == "off":
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._check_grad(p)
 
     @torch.compiler.disable
     def _prepare_group(self, group: dict[str, Any], skip_non_grad_params: bool = True, *,

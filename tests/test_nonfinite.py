@@ -332,3 +332,19 @@ def test_the_cases_cover_every_registered_optimizer():
     """So "every optimizer" above means every registered one: a new optimizer needs a contract_cases row."""
     covered = {c.id.split("-")[0] for c in CASES}
     assert set(eo.registry.get_optimizer_name_list()) <= covered
+
+
+@pytest.mark.parametrize("policies", [("off", "off"), ("skip", "skip"), ("raise", "raise"), ("off", "skip"),
+                                      ("skip", "off")])
+@pytest.mark.parametrize("make", [eo.AdamW, eo.Lion], ids=["adamw", "lion"])
+def test_bad_gradients_refused_under_every_policy(policies, make):
+    """Each gradient is validated once per step, before anything changes: by the non-finite check for the groups
+    it reads, before the first group steps for groups with ``nonfinite="off"`` (a sparse gradient in a later
+    group used to be found after the earlier groups had stepped)."""
+    a, b = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(4, 3))
+    opt = make([{"params": [a], "nonfinite": policies[0]}, {"params": [b], "nonfinite": policies[1]}], lr=0.1)
+    a.grad = torch.ones(4, 3)
+    b.grad = torch.zeros(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(4, 3)) and not opt.state[a] and not opt.state[b]
