@@ -14,9 +14,11 @@ Timing, per set, in one process with ``--threads`` torch threads (default 1):
 
 * first step: ``step()`` of a freshly built optimizer (state allocation, and any compilation it blocks on:
   ``fused=None`` never blocks; it compiles in a background thread when the optimizer holds at least
-  ``AUTO_FUSE_MIN_NUMEL`` elements). Then ``_COMPILED.wait()`` (its time is the ``compile s`` column: 0 when
-  nothing was compiling, e.g. when an earlier variant of the same kernel compiled it: compiled code is shared
-  within a process) and one untimed warm-up step, before the next variant is built;
+  ``AUTO_FUSE_MIN_NUMEL`` elements). While that compiles, the variant keeps stepping, as a training loop would
+  (``steps while compiling``; ``slowest step s``: the longest of those steps and the first, the stall a user would
+  see); ``compile s``: the time until the compilation is done (0 when nothing was compiling, e.g. when an earlier
+  variant of the same kernel compiled it: compiled code is shared within a process); then one untimed warm-up
+  step, before the next variant is built;
 * steady state: ``--rounds`` interleaved rounds (each round times every variant in turn, in an order rotated every
   round, each for as many consecutive steps as take about ``--round-s`` seconds, or ``--steps``); reported: the
   median over rounds of the round's mean ms/step, and the fastest round. A variant whose step raises is reported
@@ -155,6 +157,8 @@ class Result:
     opt: torch.optim.Optimizer | None
     first_s: float = 0.0
     compile_s: float = 0.0
+    slowest_s: float = 0.0
+    steps_compiling: int = 0
     bytes: float = float("nan")
     step_s: float = 0.0
     ms: list[float] = field(default_factory=list)
@@ -201,8 +205,11 @@ def run_set(pset: ParamSet, rounds: int, steps: int | None, round_s: float, allo
             copies.append(q)
         r = Result(label, make(copies))
         results.append(r)
-        r.first_s = _step(r)
+        r.first_s = r.slowest_s = _step(r)
         t0 = time.perf_counter()
+        while r.opt is not None and scalar_base._COMPILED._pending:  # train on while it compiles, as a user would
+            r.slowest_s = max(r.slowest_s, _step(r))
+            r.steps_compiling += 1
         scalar_base._COMPILED.wait()
         r.compile_s = time.perf_counter() - t0
         if r.opt is not None:
@@ -233,19 +240,22 @@ def table(pset: ParamSet, results: list[Result], rounds: int) -> tuple[str, dict
     med = {r.label: statistics.median(r.ms) for r in results if r.ms}
     base = med.get(BASELINE)
     lines = ["| optimizer | ms/step | min ms | x torch fused | B/elem | floor ms | x floor | first step s "
-             "| compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| compile s | steps while compiling | slowest step s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows: dict[str, dict[str, float]] = {}
     for r in results:
         if r.label not in med:
-            lines.append(f"| {r.label} | failed: {r.failed or 'no result'} | | | | | | | |")
+            lines.append(f"| {r.label} | failed: {r.failed or 'no result'} | | | | | | | | | |")
             continue
         ms = med[r.label]
         floor = base * r.bytes / ADAMW_BYTES if base else float("nan")
         row = dict(ms=ms, min_ms=min(r.ms), x_fused=ms / base if base else float("nan"), bytes=r.bytes,
-                   floor_ms=floor, x_floor=ms / floor, first_step_s=r.first_s, compile_s=r.compile_s)
+                   floor_ms=floor, x_floor=ms / floor, first_step_s=r.first_s, compile_s=r.compile_s,
+                   steps_compiling=r.steps_compiling, slowest_step_s=r.slowest_s)
         rows[r.label] = row
         lines.append(f"| {r.label} | {ms:.3f} | {row['min_ms']:.3f} | {row['x_fused']:.2f} | {r.bytes:g} | "
-                     f"{floor:.3f} | {row['x_floor']:.2f} | {r.first_s:.3f} | {r.compile_s:.2f} |")
+                     f"{floor:.3f} | {row['x_floor']:.2f} | {r.first_s:.3f} | {r.compile_s:.2f} | "
+                     f"{r.steps_compiling} | {r.slowest_s:.3f} |")
     auto = pset.numel >= scalar_base.AUTO_FUSE_MIN_NUMEL
     head = (f"### {pset.name}: {pset.numel:,} params in {len(pset.params)} tensors ({pset.describe}); "
             f"fused=None: {'compiled' if auto else 'eager'} ({'>=' if auto else '<'} AUTO_FUSE_MIN_NUMEL = "
@@ -307,8 +317,9 @@ def _main(args: argparse.Namespace) -> int:
           f"emerging_optimizers.scalar_optimizers.base._COMPILED.wait() (fused=None compiles in a background "
           f"thread for optimizers of >= {scalar_base.AUTO_FUSE_MIN_NUMEL:,} elements) and one warm-up step. "
           f"first step s: step() of a fresh optimizer (state allocation + any compilation it blocks on; fused=None "
-          f"never blocks). compile s: the wait for the background compilation after that first step (0: none, or "
-          f"already compiled by an earlier variant of the same kernel in this process).")
+          f"never blocks). compile s: from that first step until the background compilation is done (0: none, or "
+          f"already compiled by an earlier variant of the same kernel in this process), the variant stepping on "
+          f"meanwhile (steps while compiling); slowest step s: the longest of those steps and the first.")
     print(f"Byte floor: {BASELINE}'s ms/step x B/{ADAMW_BYTES}. B (B/elem) = bytes a single-pass update moves per "
           f"element: param read+write + grad read + read+write of each state tensor the optimizer holds after one "
           f"step, at their element sizes (fp32 AdamW: 8 + 4 + 2 x 8 = {ADAMW_BYTES}; bf16 state: 8 + 4 + 2 x 4 = 20). "

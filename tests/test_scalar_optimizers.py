@@ -254,6 +254,89 @@ def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch):
     assert len(fake.calls) >= 2  # now the compiled code runs the real chunks
 
 
+def test_switch_interval_is_short_while_compiling_in_the_background_then_restored(monkeypatch):
+    """While fused=None compiles in its thread, the GIL changes hands every 0.1 ms (a training thread would
+    otherwise wait up to 5 ms for it after each op); the user's interval comes back once the compile is done."""
+    import sys
+
+    from emerging_optimizers.scalar_optimizers.base import _COMPILED, _GilShare
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        user = sys.getswitchinterval()
+        fake = _FakeCompiler()
+        _fast_path(monkeypatch, fake)
+        a, b = twin_params()
+        o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)
+        drive(o1, o2, a, b, steps=1)
+        assert sys.getswitchinterval() <= _GilShare.INTERVAL_S  # compiling (held by the gate)
+        fake.gate.set()
+        _COMPILED.wait(10)
+        assert sys.getswitchinterval() == user
+        # a failed compilation restores it too
+        import threading
+
+        gate = threading.Event()
+
+        def raising(kernel):
+            def fn(*args, **flags):
+                gate.wait(10)
+                raise RuntimeError("no compiler")
+
+            return fn
+
+        from emerging_optimizers.scalar_optimizers import base
+
+        monkeypatch.setattr(base, "_compiled_multi_param_step", raising)
+        c, d = twin_params()
+        o3, o4 = Lion(c), Lion(d, fused=False)
+        drive(o3, o4, c, d, steps=1)
+        assert sys.getswitchinterval() <= _GilShare.INTERVAL_S
+        gate.set()
+        _COMPILED.wait(10)
+        assert sys.getswitchinterval() == user
+        drive(o3, o4, c, d, steps=1)  # stays eager, equal
+        for p, q in zip(c, d):
+            assert torch.equal(p, q)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_gil_share_pairs_up_and_leaves_a_users_own_setting_alone():
+    import sys
+
+    from emerging_optimizers.scalar_optimizers.base import _GilShare
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        user = sys.getswitchinterval()
+        share = _GilShare()
+        share.begin()
+        share.begin()  # two compilations at once
+        assert sys.getswitchinterval() <= _GilShare.INTERVAL_S
+        share.end()
+        assert sys.getswitchinterval() <= _GilShare.INTERVAL_S  # one still running
+        share.end()
+        assert sys.getswitchinterval() == user
+        # the user sets an interval of their own meanwhile: it stays
+        share.begin()
+        sys.setswitchinterval(0.002)
+        mine = sys.getswitchinterval()
+        share.end()
+        assert sys.getswitchinterval() == mine
+        # an interval already shorter than ours is not touched
+        sys.setswitchinterval(5e-5)
+        short = sys.getswitchinterval()
+        share.begin()
+        assert sys.getswitchinterval() == short
+        share.end()
+        assert sys.getswitchinterval() == short
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch):
     fake = _FakeCompiler(fail_real=True)
     fake.gate.set()
