@@ -207,7 +207,7 @@ def run_set(pset: ParamSet, rounds: int, steps: int | None, round_s: float, allo
         results.append(r)
         r.first_s = r.slowest_s = _step(r)
         t0 = time.perf_counter()
-        while r.opt is not None and scalar_base._COMPILED._pending:  # train on while it compiles, as a user would
+        while r.opt is not None and scalar_base._COMPILED.compiling():  # train on while it compiles, as a user would
             r.slowest_s = max(r.slowest_s, _step(r))
             r.steps_compiling += 1
         scalar_base._COMPILED.wait()

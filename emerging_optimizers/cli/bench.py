@@ -291,8 +291,7 @@ def _pending_compilation() -> object | None:
         from emerging_optimizers.scalar_optimizers import base as scalar_base
     except ImportError:
         return None
-    compiler = getattr(scalar_base, "_COMPILED", None)
-    return compiler if getattr(compiler, "_pending", None) and hasattr(compiler, "wait") else None
+    return scalar_base._COMPILED if scalar_base._COMPILED.compiling() else None
 
 
 def _wait_for_compilation(v: Variant | None, cap_s: float | None, log: Callable[[str], None] | None) -> float:

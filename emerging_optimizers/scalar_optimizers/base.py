@@ -24,10 +24,11 @@ warning); a compiled chunk that fails while running raises, as any kernel would,
 and a compiler works, *in a background thread*: the steps run eagerly until the compiled code is ready, so
 the first step never waits for the compiler (6-40 s per optimizer on a 2-core CPU, cached on disk by
 torch), and while it compiles the interpreter's switch interval is shortened (:class:`_GilShare`) so that
-the training thread is not starved of the GIL. ``True`` compiles at once (the first step waits), ``False`` never. Scalars reach the compiled code
-as 0-d float64 tensors (derived numbers such as ``1 - beta2`` are then computed in double, as the eager
-path computes them from Python floats), and weight decay is always applied there (a factor of exactly 1.0
-when there is none), so a schedule that reaches lr 0 does not recompile.
+the training thread is not starved of the GIL. ``True`` compiles at once (the first step waits), ``False``
+never. Scalars reach the compiled code as 0-d float64 tensors (derived numbers such as ``1 - beta2`` are
+then computed in double, as the eager path computes them from Python floats), and weight decay is always
+applied there (a factor of exactly 1.0 when there is none), so a schedule that reaches lr 0 does not
+recompile.
 
 :class:`SingleMomentumOptimizer` and :class:`TwoMomentsOptimizer` (both :class:`UpdateFnOptimizer`) keep the
 reference library's way of declaring an optimizer, ``(params, defaults, *, update_fn, update_kwarg_names)``
@@ -251,7 +252,7 @@ class _GilShare:
     releases the GIL and then waits to take it back, by default up to the 5 ms switch interval: an eager step of
     ~800 small ops, or a forward pass, then takes seconds (measured: one 40 ms step took 4.3-13.5 s while a
     4M-element optimizer compiled). At :data:`INTERVAL_S` the training thread waits ~0.1 ms per op instead: no
-    step took over 1.5 s, cold cache included, and the training thread did twice as many steps meanwhile (the
+    step took over 1.9 s, cold cache included, and the training thread did twice as many steps meanwhile (the
     compilation takes longer: the training thread keeps its share of the CPU). ``begin``/``end`` pair up per
     compilation (under the caller's lock); the first sets the interval, the last restores the saved one unless
     someone changed it in between (their setting is then left alone).
@@ -331,6 +332,11 @@ class _CompiledChunks:
             warnings.warn(f"{who}: compiling the fused step failed ({error}); falling back to the eager step.",
                           RuntimeWarning, stacklevel=4)
         return fn
+
+    def compiling(self) -> bool:
+        """Whether background compilations are in progress."""
+        with self._lock:
+            return bool(self._pending)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the compilations in progress (benchmarks that time the compiled path call this)."""
