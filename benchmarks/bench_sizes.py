@@ -13,8 +13,10 @@ of our scalar optimizers (``emerging_optimizers.get_optimizer_cls(name)``) at it
 Timing, per set, in one process with ``--threads`` torch threads (default 1):
 
 * first step: ``step()`` of a freshly built optimizer (state allocation, and any compilation it blocks on:
-  ``fused=None`` never blocks; it compiles in a background thread when the optimizer holds at least
-  ``AUTO_FUSE_MIN_NUMEL`` elements). While that compiles, the variant keeps stepping, as a training loop would
+  ``fused=None`` never blocks; it compiles in a background thread, from the first step when the optimizer holds
+  at least ``AUTO_FUSE_MIN_NUMEL`` elements, else once its eager steps have taken ``AUTO_FUSE_AFTER_S`` seconds:
+  5 s in the library, set to 0 for this run by ``--after-s`` so that the steady state timed is the compiled
+  path a long run reaches; ``--after-s -1`` times the eager path). While that compiles, the variant keeps stepping, as a training loop would
   (``steps while compiling``; ``slowest step s``: the longest of those steps and the first, the stall a user would
   see); ``compile s``: the time until the compilation is done (0 when nothing was compiling, e.g. when an earlier
   variant of the same kernel compiled it: compiled code is shared within a process); then one untimed warm-up
@@ -66,6 +68,7 @@ from emerging_optimizers.scalar_optimizers import base as scalar_base
 OURS = ["adamw", "adam", "ademamix", "sim_ademamix", "laprop", "lion", "signum", "rmsprop", "madam"]
 BASELINE = "torch AdamW fused"
 ADAMW_BYTES = 28  # fp32: param read+write 8, grad read 4, two moments read+write 16
+LIBRARY_AFTER_S = scalar_base.AUTO_FUSE_AFTER_S  # the library's own (``--after-s`` sets another for the run)
 
 #: name -> (n_blocks, d_model, vocab, context) of a GPT-like set; "charlm" is the char-LM task's model.
 GPT_SETS: dict[str, tuple[int, int, int, int]] = {
@@ -256,9 +259,12 @@ def table(pset: ParamSet, results: list[Result], rounds: int) -> tuple[str, dict
         lines.append(f"| {r.label} | {ms:.3f} | {row['min_ms']:.3f} | {row['x_fused']:.2f} | {r.bytes:g} | "
                      f"{floor:.3f} | {row['x_floor']:.2f} | {r.first_s:.3f} | {r.compile_s:.2f} | "
                      f"{r.steps_compiling} | {r.slowest_s:.3f} |")
-    auto = pset.numel >= scalar_base.AUTO_FUSE_MIN_NUMEL
+    auto, after = pset.numel >= scalar_base.AUTO_FUSE_MIN_NUMEL, scalar_base.AUTO_FUSE_AFTER_S
+    mode = ("compiled from the first step, dynamic-shape chunks of FUSED_CHUNK tensors" if auto else
+            "eager (AUTO_FUSE_AFTER_S = None)" if after is None else
+            f"compiled once its eager steps took AUTO_FUSE_AFTER_S = {after:g} s, static-shape chunks")
     head = (f"### {pset.name}: {pset.numel:,} params in {len(pset.params)} tensors ({pset.describe}); "
-            f"fused=None: {'compiled' if auto else 'eager'} ({'>=' if auto else '<'} AUTO_FUSE_MIN_NUMEL = "
+            f"fused=None: {mode} ({'>=' if auto else '<'} AUTO_FUSE_MIN_NUMEL = "
             f"{scalar_base.AUTO_FUSE_MIN_NUMEL:,}); {rounds} round(s)")
     return head + "\n\n" + "\n".join(lines), rows
 
@@ -280,6 +286,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: sets {','.join(QUICK_SIZES)} (unless --sizes), 1 round of 1 step")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--after-s", type=float, default=0.0,
+                    help="AUTO_FUSE_AFTER_S for this run (negative: None). Below AUTO_FUSE_MIN_NUMEL, fused=None "
+                         "compiles once its eager steps have taken this long (the library's default is "
+                         f"{scalar_base.AUTO_FUSE_AFTER_S} s); 0 (default here): from the first step, so the steady "
+                         "state timed is the compiled path a long run reaches")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
@@ -295,12 +306,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    old_threads = torch.get_num_threads()
+    old_threads, old_after = torch.get_num_threads(), scalar_base.AUTO_FUSE_AFTER_S
     torch.set_num_threads(args.threads)
+    scalar_base.AUTO_FUSE_AFTER_S = None if args.after_s < 0 else args.after_s
     try:
         return _main(args)
     finally:
         torch.set_num_threads(old_threads)
+        scalar_base.AUTO_FUSE_AFTER_S = old_after
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -315,7 +328,9 @@ def _main(args: argparse.Namespace) -> int:
     print(f"Every set: {args.rounds} interleaved round(s) (order rotated per round), each timing {steps_text} of "
           f"every variant; ms/step = median over rounds of the round's mean. Steady state: measured after "
           f"emerging_optimizers.scalar_optimizers.base._COMPILED.wait() (fused=None compiles in a background "
-          f"thread for optimizers of >= {scalar_base.AUTO_FUSE_MIN_NUMEL:,} elements) and one warm-up step. "
+          f"thread: from the first step for optimizers of >= {scalar_base.AUTO_FUSE_MIN_NUMEL:,} elements, once "
+          f"their eager steps took AUTO_FUSE_AFTER_S = {scalar_base.AUTO_FUSE_AFTER_S} s for smaller ones; "
+          f"library default {LIBRARY_AFTER_S} s) and one warm-up step. "
           f"first step s: step() of a fresh optimizer (state allocation + any compilation it blocks on; fused=None "
           f"never blocks). compile s: from that first step until the background compilation is done (0: none, or "
           f"already compiled by an earlier variant of the same kernel in this process), the variant stepping on "
@@ -367,6 +382,7 @@ def _main(args: argparse.Namespace) -> int:
         report["sizes"].append({"name": name, "params": pset.numel, "tensors": len(pset.params),
                                 "describe": pset.describe, "rounds": fit,
                                 "auto_fused": pset.numel >= scalar_base.AUTO_FUSE_MIN_NUMEL,
+                                "auto_fuse_after_s": scalar_base.AUTO_FUSE_AFTER_S,
                                 "variants": {r.label: dict(rows.get(r.label, {}), round_ms=r.ms,
                                                            failed=r.failed) for r in results}})
         pset.params = []  # free this set's tensors before the next one

@@ -165,16 +165,21 @@ def test_lr_scheduler_drives_the_step(case):
             assert torch.equal(b, p), [k for k in wd_keys if k in opt.param_groups[0]]
 
 
+@pytest.mark.parametrize("path", ["dynamic", "static"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.fused], ids=[c.id for c in CASES if c.fused])
-def test_fast_path_equals_single_tensor_path(case, monkeypatch):
+def test_fast_path_equals_single_tensor_path(case, path, monkeypatch):
     from emerging_optimizers.scalar_optimizers import base
 
-    # Chunks of 2: the 4 tensors run as two calls of one compiled graph (compiling is the slow part of the
-    # suite, and a 2-tensor graph compiles about twice as fast as a 4-tensor one).
-    monkeypatch.setattr(base, "FUSED_CHUNK", 2)
+    if path == "dynamic":  # the chunks of optimizers above AUTO_FUSE_MIN_NUMEL
+        monkeypatch.setattr(base, "AUTO_FUSE_MIN_NUMEL", 1)
+        # Chunks of 2: the 4 tensors run as two calls of one compiled graph (compiling is the slow part of the
+        # suite, and a 2-tensor graph compiles about twice as fast as a 4-tensor one).
+        monkeypatch.setattr(base, "FUSED_CHUNK", 2)
+    # else: this small model's own path, one static-shape graph over its 4 tensors
     model, ref = make_model(case), make_model(case)
     opt = build(case, model.parameters(), fused=True)
     opt_ref = build(case, ref.parameters(), fused=False)
+    assert opt._static == (path == "static")
     with _no_fallback_warning():
         for _ in range(4):
             train(model, opt, 1)

@@ -185,13 +185,14 @@ def test_fused_auto_threshold(monkeypatch):
 def test_fused_falls_back_to_eager_with_a_warning(monkeypatch):
     from emerging_optimizers.scalar_optimizers import base
 
-    def broken(kernel):
+    def broken(kernel, static=None):
         def fn(*args, **kwargs):
             raise RuntimeError("no compiler")
 
         return fn
 
     monkeypatch.setattr(base, "_compiled_multi_param_step", broken)
+    monkeypatch.setattr(base, "_COMPILED", base._CompiledChunks())
     monkeypatch.setattr(base, "compile_available", lambda device_type: True)
     a, b = twin_params()
     # nesterov: a path of our own (plain Adam/AdamW run torch's fused kernel, see test_torch_fused_adam_*)
@@ -213,7 +214,7 @@ class _FakeCompiler:
 
         self.gate, self.calls, self.fail_real, self.trials = threading.Event(), [], fail_real, 0
 
-    def __call__(self, kernel):
+    def __call__(self, kernel, static=None):
         from emerging_optimizers.scalar_optimizers.base import multi_param_step
 
         def fn(*args, **flags):
@@ -229,22 +230,42 @@ class _FakeCompiler:
         return fn
 
 
-def _fast_path(monkeypatch, fake):
+def _wait_for(condition, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.001)
+
+
+def _fast_path(monkeypatch, fake, path="dynamic"):
+    """Route the fast path to ``fake``; ``path``: the dynamic-shape chunks of large optimizers (the threshold is
+    lowered to 1 element), or the static ones of small optimizers (compiling from the first step)."""
     from emerging_optimizers.scalar_optimizers import base
 
     monkeypatch.setattr(base, "_compiled_multi_param_step", fake)
-    monkeypatch.setattr(base, "AUTO_FUSE_MIN_NUMEL", 1)
+    # a fresh registry of compiled code: another test's (fake) compiler may have had the same id()
+    monkeypatch.setattr(base, "_COMPILED", base._CompiledChunks())
+    if path == "dynamic":
+        monkeypatch.setattr(base, "AUTO_FUSE_MIN_NUMEL", 1)
+    else:
+        monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", 0.0)
 
 
-def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch):
+PATHS = pytest.mark.parametrize("path", ["dynamic", "static"])
+
+
+@PATHS
+def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch, path):
     """fused=None compiles in the background: steps run eagerly (equal to fused=False) until it is ready."""
     fake = _FakeCompiler()
-    _fast_path(monkeypatch, fake)
+    _fast_path(monkeypatch, fake, path)
     a, b = twin_params()
     o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)  # our compiled path (not torch's kernel)
     drive(o1, o2, a, b, steps=2)  # returns although the compiler is held: the steps ran eagerly
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+    _wait_for(lambda: fake.calls)  # the compile thread reaches its trial run (held there by the gate)
     assert len(fake.calls) == 1  # only the trial run, on copies
     fake.gate.set()
     from emerging_optimizers.scalar_optimizers.base import _COMPILED
@@ -254,39 +275,39 @@ def test_auto_fused_first_step_does_not_wait_for_the_compiler(monkeypatch):
     assert len(fake.calls) >= 2  # now the compiled code runs the real chunks
 
 
-def test_switch_interval_is_short_while_compiling_in_the_background_then_restored(monkeypatch):
+@PATHS
+def test_switch_interval_is_short_while_compiling_in_the_background_then_restored(monkeypatch, path):
     """While fused=None compiles in its thread, the GIL changes hands every 0.1 ms (a training thread would
     otherwise wait up to 5 ms for it after each op); the user's interval comes back once the compile is done."""
     import sys
 
-    from emerging_optimizers.scalar_optimizers.base import _COMPILED, _GilShare
+    from emerging_optimizers.scalar_optimizers import base
+    from emerging_optimizers.scalar_optimizers.base import _GilShare
 
     before = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
         user = sys.getswitchinterval()
         fake = _FakeCompiler()
-        _fast_path(monkeypatch, fake)
+        _fast_path(monkeypatch, fake, path)
         a, b = twin_params()
         o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)
         drive(o1, o2, a, b, steps=1)
         assert sys.getswitchinterval() <= _GilShare.INTERVAL_S  # compiling (held by the gate)
         fake.gate.set()
-        _COMPILED.wait(10)
+        base._COMPILED.wait(10)
         assert sys.getswitchinterval() == user
         # a failed compilation restores it too
         import threading
 
         gate = threading.Event()
 
-        def raising(kernel):
+        def raising(kernel, static=None):
             def fn(*args, **flags):
                 gate.wait(10)
                 raise RuntimeError("no compiler")
 
             return fn
-
-        from emerging_optimizers.scalar_optimizers import base
 
         monkeypatch.setattr(base, "_compiled_multi_param_step", raising)
         c, d = twin_params()
@@ -294,7 +315,7 @@ def test_switch_interval_is_short_while_compiling_in_the_background_then_restore
         drive(o3, o4, c, d, steps=1)
         assert sys.getswitchinterval() <= _GilShare.INTERVAL_S
         gate.set()
-        _COMPILED.wait(10)
+        base._COMPILED.wait(10)
         assert sys.getswitchinterval() == user
         drive(o3, o4, c, d, steps=1)  # stays eager, equal
         for p, q in zip(c, d):
@@ -337,10 +358,55 @@ def test_gil_share_pairs_up_and_leaves_a_users_own_setting_alone():
         sys.setswitchinterval(before)
 
 
-def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch):
+def test_small_optimizer_compiles_once_its_eager_steps_took_auto_fuse_after_s(monkeypatch):
+    """Below AUTO_FUSE_MIN_NUMEL, fused=None steps eagerly (no compilation) until its eager steps have taken
+    AUTO_FUSE_AFTER_S seconds in all; then it compiles in the background (static shapes) and uses it."""
+    from emerging_optimizers.scalar_optimizers import base
+
+    fake = _FakeCompiler()
+    fake.gate.set()
+    monkeypatch.setattr(base, "_compiled_multi_param_step", fake)
+    monkeypatch.setattr(base, "_COMPILED", base._CompiledChunks())
+    monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", 0.02)
+    a, b = twin_params()
+    o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)
+    assert not o1._auto_fuse and o1._static
+    steps = 0
+    while o1._eager_s < 0.02:
+        drive(o1, o2, a, b, steps=1, seed=steps)
+        steps += 1
+        assert not fake.calls and steps < 10_000  # eager so far: nothing compiled
+    assert o2._eager_s == 0.0  # fused=False never counts
+    drive(o1, o2, a, b, steps=1, seed=steps)  # starts the compilation (the trial run), this step eager
+    base._COMPILED.wait(10)
+    assert fake.trials == 1 and len(fake.calls) == 1
+    spent = o1._eager_s
+    drive(o1, o2, a, b, steps=3, seed=steps + 1)
+    assert len(fake.calls) == 4 and o1._eager_s == spent  # compiled steps are not counted
+    static = fake.calls[0][0]
+    assert [t.shape for t in static[0]] == [p.shape for p in a]  # whole tensors (static shapes), not flat views
+
+
+def test_auto_fuse_after_s_none_never_compiles_small_optimizers(monkeypatch):
+    from emerging_optimizers.scalar_optimizers import base
+
+    fake = _FakeCompiler()
+    fake.gate.set()
+    monkeypatch.setattr(base, "_compiled_multi_param_step", fake)
+    monkeypatch.setattr(base, "_COMPILED", base._CompiledChunks())
+    monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", None)
+    a, b = twin_params()
+    o1, o2 = Adam(a, nesterov=True), Adam(b, fused=False, nesterov=True)
+    o1._eager_s = 1e9
+    drive(o1, o2, a, b, steps=3)
+    assert not fake.calls
+
+
+@PATHS
+def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch, path):
     fake = _FakeCompiler(fail_real=True)
     fake.gate.set()
-    _fast_path(monkeypatch, fake)
+    _fast_path(monkeypatch, fake, path)
     p = torch.nn.Parameter(torch.zeros(4))
     opt = Adam([p], lr=0.1, fused=True, nesterov=True)
     p.grad = torch.ones(4)
@@ -349,10 +415,11 @@ def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch)
     assert torch.equal(p.detach(), torch.ones(4))  # written once (+1), never re-run eagerly (no Adam step after)
 
 
-def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypatch):
+@PATHS
+def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypatch, path):
     fake = _FakeCompiler()
     fake.gate.set()
-    _fast_path(monkeypatch, fake)
+    _fast_path(monkeypatch, fake, path)
     p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     opt = Adam([p], lr=0.1, weight_decay=0.1, fused=True, nesterov=True)
     for lr in (0.1, 0.0, 0.1):  # a schedule reaching lr 0 (decay factor exactly 1)
@@ -365,12 +432,13 @@ def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypat
     assert fake.trials == 1
 
 
-def test_fused_views_follow_swapped_data_and_loaded_state(monkeypatch):
+@PATHS
+def test_fused_views_follow_swapped_data_and_loaded_state(monkeypatch, path):
     """The fused path keeps flat views of each param and its state between steps: they must follow a param
     whose data is swapped (``p.data = ...``) and state replaced by ``load_state_dict`` (else silent no-ops)."""
     fake = _FakeCompiler()
     fake.gate.set()
-    _fast_path(monkeypatch, fake)
+    _fast_path(monkeypatch, fake, path)
     a, b = twin_params()
     o1, o2 = Adam(a, fused=True, nesterov=True), Adam(b, fused=False, nesterov=True)
     drive(o1, o2, a, b, steps=2)
@@ -390,11 +458,12 @@ def test_fused_views_follow_swapped_data_and_loaded_state(monkeypatch):
     assert len(fake.calls) > 5  # the compiled (fake) path ran the real chunks
 
 
-def test_fused_scalars_per_param_where_they_depend_on_it(monkeypatch):
+@PATHS
+def test_fused_scalars_per_param_where_they_depend_on_it(monkeypatch, path):
     """Signum's shape scaling makes its scalars differ per parameter: each shape keeps its own."""
     fake = _FakeCompiler()
     fake.gate.set()
-    _fast_path(monkeypatch, fake)
+    _fast_path(monkeypatch, fake, path)
     gen = torch.Generator().manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (4, 9), (6, 5))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
