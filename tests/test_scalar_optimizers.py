@@ -540,3 +540,37 @@ def test_torch_fused_adam_not_used_where_it_would_differ():
         q.grad = torch.randn_like(q)
         opt._init_group(opt.param_groups[0])
         assert _torch_fused_kernel(opt, opt.param_groups[0], [q]) is None
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_background_compilation_is_what_the_real_steps_run(monkeypatch, path):
+    """The background compile traces scratch copies; the real steps must then hit that code, not fail a guard
+    (a Parameter's requires_grad, say) and recompile inline: that would block a step for seconds. Real
+    torch.compile; exactly one graph per signature, and the compiled steps equal the eager ones."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from emerging_optimizers.scalar_optimizers import base
+
+    monkeypatch.setattr(base, "_COMPILED", base._CompiledChunks())
+    if path == "dynamic":
+        monkeypatch.setattr(base, "AUTO_FUSE_MIN_NUMEL", 1)
+    else:
+        monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", 0.0)
+    a, b = twin_params(seed=3)
+    o1, o2 = Lion(a, lr=0.01, weight_decay=0.1), Lion(b, lr=0.01, weight_decay=0.1, fused=False)
+    assert o1._static == (path == "static")
+    drive(o1, o2, a, b, steps=1)  # starts the compilation
+    base._COMPILED.wait(600)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    calls = []
+    real = base._CompiledChunks.get
+
+    def spy(self, *args, **kwargs):
+        fn = real(self, *args, **kwargs)
+        calls.append(fn is not None)
+        return fn
+
+    monkeypatch.setattr(base._CompiledChunks, "get", spy)
+    drive(o1, o2, a, b, steps=3, seed=2)  # compiled (FMA contraction: within RTOL/ATOL of eager)
+    assert calls and all(calls)  # the compiled code ran every chunk
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # and nothing was recompiled

@@ -653,8 +653,9 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             plan = _StaticPlan(self, jobs, keys)
             self._plans[id(group)] = plan
         grads = [local(g) for _, g, _ in jobs]
-        if not all(g.is_contiguous() for g in grads):
-            grads = [g.contiguous() for g in grads]
+        # as the compiled code was traced: contiguous, not requiring grad (a guard failing would recompile inline)
+        if not all(g.is_contiguous() and not g.requires_grad for g in grads):
+            grads = [g.detach().contiguous() for g in grads]
         compiled_flags = dict(flags, has_decay=True)  # as in _fused_steps: lr reaching 0 does not recompile
         eager = [jobs[i] for i in plan.eager]
         for device, idx, ps, states, tsig in plan.chunks:
@@ -702,16 +703,18 @@ class _StaticPlan:
 
     Built from a step's jobs: local tensors of the params and their state, bucketed by (device, dtypes,
     scalars) in chunks of :data:`STATIC_CHUNK`; non-contiguous ones go to the eager path. Valid while the
-    optimizer's state mapping, the params (in order) and each param's state tensors are the same objects
-    (``load_state_dict`` replaces them; ``p.data = ...`` needs no rebuild: the Parameter itself is passed).
+    optimizer's state mapping, the params (in order), their local tensors and storage (``p.data = ...``) and each
+    param's state tensors are the same (``load_state_dict`` replaces state tensors).
     """
 
-    __slots__ = ("state_map", "params", "dicts", "state_tensors", "chunks", "eager", "_scalars")
+    __slots__ = ("state_map", "params", "locals", "ptrs", "dicts", "state_tensors", "chunks", "eager", "_scalars")
 
     def __init__(self, opt: ScalarOptimizer, jobs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
                  keys: tuple[str, ...]) -> None:
         self.state_map = opt.state
         self.params = [p for p, _, _ in jobs]
+        self.locals = [local(p) for p in self.params]
+        self.ptrs = [lp.data_ptr() for lp in self.locals]
         self.dicts = [opt.state[p] for p in self.params]
         self.state_tensors = [tuple(d[k] for k in keys) for d in self.dicts]
         buckets: dict[Any, list[int]] = defaultdict(list)
@@ -727,7 +730,9 @@ class _StaticPlan:
         for (device, *_), idx in buckets.items():
             for k in range(0, len(idx), STATIC_CHUNK):
                 part = idx[k : k + STATIC_CHUNK]
-                ps = [local(self.params[i]) for i in part]
+                # detached aliases: the compiled code was traced on plain tensors (its trial run's scratch copies); a
+                # Parameter (requires_grad) would fail a guard and recompile inline, blocking a step for seconds
+                ps = [self.locals[i].detach() for i in part]
                 states = [tuple(local(t) for t in self.state_tensors[i]) for i in part]
                 grads = [local(jobs[i][1]) for i in part]
                 self.chunks.append((device, part, ps, states,
@@ -760,8 +765,11 @@ class _StaticPlan:
         return all(all(jobs[i][2] == jobs[idx[0]][2] for i in idx[1:]) for _, idx, *_ in self.chunks)
 
     def valid(self, state_map: Any, params: list[torch.Tensor], keys: tuple[str, ...]) -> bool:
-        return (state_map is self.state_map and len(params) == len(self.params)
-                and all(map(operator.is_, params, self.params))
+        if not (state_map is self.state_map and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params))):
+            return False
+        lps = [local(p) for p in params]  # a DTensor's local tensor, or a param's storage (p.data = ...), may change
+        return (all(map(operator.is_, lps, self.locals)) and [lp.data_ptr() for lp in lps] == self.ptrs
                 and all(all(d[k] is t for k, t in zip(keys, ts)) for d, ts in zip(self.dicts, self.state_tensors)))
 
 
