@@ -421,6 +421,22 @@ def test_training_is_deterministic_for_a_fixed_seed():
     assert runs[0].train_loss != runs[2].train_loss
 
 
+def test_training_runs_keep_small_optimizers_eager(monkeypatch):
+    """A run may not switch to the compiled step at a time-dependent step (the last bits could differ): the
+    automatic compilation of small optimizers is off during train_run, and restored afterwards."""
+    from emerging_optimizers.scalar_optimizers import base
+
+    monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", 0.0)  # would compile from the first step
+    seen = []
+    task = tasks.get_task("charlm-shakespeare")
+    problem = task.load(4)
+    (spec,) = specs.parse_specs(["lion:lr=1e-4"])
+    train_run(problem, spec, {}, 0, 3, task.schedule(3), 1, progress=lambda t, loss: seen.append(
+        (base.AUTO_FUSE_AFTER_S, base._COMPILED.compiling())))
+    assert seen == [(None, False)] * 3
+    assert base.AUTO_FUSE_AFTER_S == 0.0
+
+
 def test_state_bytes_counts_optimizer_state():
     model = torch.nn.Linear(8, 4)
     opt = registry.get_optimizer_cls("adamw")(model.named_parameters())
