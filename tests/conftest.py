@@ -26,3 +26,14 @@ def _no_cpu_bf16_matmul(request, monkeypatch):
         monkeypatch.setattr(eo_utils, "cpu_has_amx_bf16", lambda: False)
         monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_timed_compilation(monkeypatch):
+    """Under ``fused=None`` a small optimizer compiles its step once its eager steps have taken
+    ``AUTO_FUSE_AFTER_S`` seconds: a long test would then switch paths at a machine-dependent step (and spend
+    a minute compiling). Tests keep the eager step; those of the switch itself set the threshold."""
+    from emerging_optimizers.scalar_optimizers import base
+
+    monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", None)
+    yield

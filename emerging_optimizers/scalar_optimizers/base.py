@@ -486,6 +486,11 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         self._views: dict[torch.Tensor, Any] = {}
         self._plans: dict[int, _StaticPlan] = {}  # the static path's chunk lists, per group (by id)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_views"], state["_plans"] = {}, {}  # caches of aliases of the params: rebuilt by the copy
+        return state
+
     # ------------------------------------------------------------------ per-algorithm interface
     def scalars(self, group: dict[str, Any], step: int, p: torch.Tensor) -> dict[str, Any]:
         """Step-dependent numbers handed to ``kernel`` as keyword arguments."""
