@@ -542,11 +542,17 @@ def test_torch_fused_adam_not_used_where_it_would_differ():
         assert _torch_fused_kernel(opt, opt.param_groups[0], [q]) is None
 
 
+@pytest.mark.parametrize("make,steps", [
+    (lambda ps, **k: Lion(ps, lr=0.01, weight_decay=0.1, **k), 3),
+    # bc1 = 1 - 0.5**t reaches exactly 1.0 = the decay factor (no weight decay) at t = 54: equal values that
+    # shared one 0-d tensor made Dynamo's aliasing guard fail then, and recompile inline
+    (lambda ps, **k: Adam(ps, lr=0.01, betas=(0.5, 0.5), nesterov=True, **k), 60),
+], ids=["lion", "adam-bc1-reaches-1"])
 @pytest.mark.parametrize("path", ["dynamic", "static"])
-def test_background_compilation_is_what_the_real_steps_run(monkeypatch, path):
+def test_background_compilation_is_what_the_real_steps_run(monkeypatch, path, make, steps):
     """The background compile traces scratch copies; the real steps must then hit that code, not fail a guard
-    (a Parameter's requires_grad, say) and recompile inline: that would block a step for seconds. Real
-    torch.compile; exactly one graph per signature, and the compiled steps equal the eager ones."""
+    (a Parameter's requires_grad, inputs that alias, ...) and recompile inline: that would block a step for
+    seconds. Real torch.compile; exactly one graph per signature, and the compiled steps equal the eager ones."""
     import torch._dynamo.utils as dynamo_utils
 
     from emerging_optimizers.scalar_optimizers import base
@@ -557,7 +563,7 @@ def test_background_compilation_is_what_the_real_steps_run(monkeypatch, path):
     else:
         monkeypatch.setattr(base, "AUTO_FUSE_AFTER_S", 0.0)
     a, b = twin_params(seed=3)
-    o1, o2 = Lion(a, lr=0.01, weight_decay=0.1), Lion(b, lr=0.01, weight_decay=0.1, fused=False)
+    o1, o2 = make(a), make(b, fused=False)
     assert o1._static == (path == "static")
     drive(o1, o2, a, b, steps=1)  # starts the compilation
     base._COMPILED.wait(600)
@@ -571,6 +577,6 @@ def test_background_compilation_is_what_the_real_steps_run(monkeypatch, path):
         return fn
 
     monkeypatch.setattr(base._CompiledChunks, "get", spy)
-    drive(o1, o2, a, b, steps=3, seed=2)  # compiled (FMA contraction: within RTOL/ATOL of eager)
+    drive(o1, o2, a, b, steps=steps, seed=2)  # compiled (FMA contraction: within RTOL/ATOL of eager)
     assert calls and all(calls)  # the compiled code ran every chunk
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # and nothing was recompiled

@@ -664,9 +664,9 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         compiled_flags = dict(flags, has_decay=True)  # as in _fused_steps: lr reaching 0 does not recompile
         eager = [jobs[i] for i in plan.eager]
         for device, idx, ps, states, tsig in plan.chunks:
-            hyper = plan.tensors({"lr": lr, "decay": decay, "l2": l2}, device)
+            hyper = plan.tensors({"lr": lr, "decay": decay, "l2": l2}, device, "hyper")
             args = (ps, [grads[i] for i in idx], states, hyper["lr"], hyper["decay"], hyper["l2"],
-                    plan.tensors(jobs[idx[0]][2], device))
+                    plan.tensors(jobs[idx[0]][2], device, "scalars"))
             fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True, who=type(self).__name__,
                                static=True, tensors=tsig)
             if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
@@ -742,11 +742,13 @@ class _StaticPlan:
                 grads = [local(jobs[i][1]) for i in part]
                 self.chunks.append((device, part, ps, states,
                                     _CompiledChunks.tensors_signature((ps, grads, states), static=True)))
-        self._scalars: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._scalars: dict[tuple[Any, ...], torch.Tensor] = {}  # see tensors()
 
-    def tensors(self, values: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """Floats as 0-d float64 tensors (as :func:`_as_tensors`), one per value kept for later steps: the
-        hyperparameters (lr, betas) are then created once, the per-step numbers (bias corrections) each step."""
+    def tensors(self, values: dict[str, Any], device: torch.device, kind: str) -> dict[str, Any]:
+        """Floats as 0-d float64 tensors (as :func:`_as_tensors`), kept for later steps per (``kind``, name,
+        value): the hyperparameters (lr, betas) are then created once, the per-step numbers (bias corrections)
+        each step. Never one tensor for two names: two inputs that are one tensor make Dynamo's aliasing guard
+        fail when they part (``bc1`` reaching exactly 1.0 = ``decay`` shared a tensor, then recompiled inline)."""
         out: dict[str, Any] = {}
         cache = self._scalars
         for k, v in values.items():
@@ -756,7 +758,7 @@ class _StaticPlan:
             if isinstance(v, torch.Tensor):  # a tensor lr, say
                 out[k] = v.to(device=device, dtype=torch.float64)
                 continue
-            key = (device, float(v).hex())  # (0.0 and -0.0 are different numbers)
+            key = (kind, k, device, float(v).hex())  # (0.0 and -0.0 are different numbers)
             t = cache.get(key)
             if t is None:
                 if len(cache) > 256:  # per-step values accumulate: start over now and then
