@@ -40,7 +40,11 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "adamw": (eo.AdamW, dict(lr=0.01, weight_decay=0.1)),
     "lion": (eo.Lion, dict(lr=0.003, weight_decay=0.1)),
 }
-SCALAR = {"adamw", "lion"}
+#: the compiled (static-shape) fast path on each rank's local shards; run on fewer layouts (compiling is slow)
+COMPILED: dict[str, tuple[type, dict[str, Any]]] = {
+    "lion_compiled": (eo.Lion, dict(lr=0.003, weight_decay=0.1, fused=True)),
+}
+SCALAR = {"adamw", "lion", "lion_compiled"}
 MATRIX_ONLY = {"muon", "adaptive_muon"}
 
 
@@ -75,7 +79,7 @@ def _params_for(name: str, model: nn.Module) -> Any:
 
 
 def _make_optimizer(name: str, model: nn.Module, **dist_kwargs: Any) -> torch.optim.Optimizer:
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = OPTIMIZERS[name] if name in OPTIMIZERS else COMPILED[name]
     return cls(_params_for(name, model), **kwargs, **dist_kwargs)
 
 
@@ -162,6 +166,11 @@ def _compare_one(layout: str, name: str, rank: int, world: int) -> None:
         opt.step()
     if name not in SCALAR:
         assert COMM_STATS.total() > 0, f"{layout}/{name}: the matrix work was not shared"
+    if name in COMPILED:  # compiled code ran every chunk (a failed compile warns and steps eagerly)
+        from emerging_optimizers.scalar_optimizers import base
+
+        ready = base._COMPILED._ready
+        assert ready and all(fn is not None for fn in ready.values()), f"{layout}/{name}: not compiled"
     if layout == "zero":
         _check_zero_recipe(name, opt, ref_opt, world)
     # bf16-gathered updates: each rounded to 8 bits (relative 2^-9), times lr 0.02, over 3 steps, on updates of
@@ -209,6 +218,12 @@ def _check_zero_recipe(name: str, opt: Any, ref_opt: Any, world: int) -> None:
                          ids=["2ranks", "4ranks"])
 def test_sharded_runs_match_one_process(world: int, layouts: list[str]) -> None:
     run_ranks(_compare_worker, world, layouts, list(OPTIMIZERS), timeout=300)
+
+
+def test_compiled_step_on_local_shards_matches_one_process() -> None:
+    """fused=True compiles the step for each rank's local shards (FSDP2 uneven shards, tensor-parallel DTensors):
+    the same parameters as one process running the compiled step on the whole model."""
+    run_ranks(_compare_worker, 2, ["fsdp", "tp"], list(COMPILED), timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------- every optimizer, DDP
