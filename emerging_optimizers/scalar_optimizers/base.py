@@ -703,6 +703,9 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         return views
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 class _StaticPlan:
     """The chunk lists of one group for :meth:`ScalarOptimizer._static_steps`.
 
@@ -712,7 +715,8 @@ class _StaticPlan:
     param's state tensors are the same (``load_state_dict`` replaces state tensors).
     """
 
-    __slots__ = ("state_map", "params", "locals", "ptrs", "dicts", "state_tensors", "chunks", "eager", "_scalars")
+    __slots__ = ("state_map", "params", "locals", "ptrs", "dicts", "state_tensors", "flat_state", "chunks", "eager",
+                 "_scalars")
 
     def __init__(self, opt: ScalarOptimizer, jobs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
                  keys: tuple[str, ...]) -> None:
@@ -722,6 +726,7 @@ class _StaticPlan:
         self.ptrs = [lp.data_ptr() for lp in self.locals]
         self.dicts = [opt.state[p] for p in self.params]
         self.state_tensors = [tuple(d[k] for k in keys) for d in self.dicts]
+        self.flat_state = [t for ts in self.state_tensors for t in ts]  # for the identity check, in one pass
         buckets: dict[Any, list[int]] = defaultdict(list)
         self.eager: list[int] = []
         for i, (p, _, scalars) in enumerate(jobs):
@@ -776,8 +781,8 @@ class _StaticPlan:
                 and all(map(operator.is_, params, self.params))):
             return False
         lps = [local(p) for p in params]  # a DTensor's local tensor, or a param's storage (p.data = ...), may change
-        return (all(map(operator.is_, lps, self.locals)) and [lp.data_ptr() for lp in lps] == self.ptrs
-                and all(all(d[k] is t for k, t in zip(keys, ts)) for d, ts in zip(self.dicts, self.state_tensors)))
+        return (all(map(operator.is_, lps, self.locals)) and list(map(_data_ptr, lps)) == self.ptrs
+                and all(map(operator.is_, [d[k] for d in self.dicts for k in keys], self.flat_state)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
