@@ -416,6 +416,36 @@ def test_compiled_chunk_failing_at_run_time_raises_and_is_not_rerun(monkeypatch,
 
 
 @PATHS
+def test_failed_recompilation_warns_and_steps_eagerly_from_then_on(monkeypatch, path):
+    """A recompilation that fails raises before the compiled code runs (nothing written): that chunk steps
+    eagerly, with a warning, and its signature stays eager (the compiler is not asked again)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    from emerging_optimizers.scalar_optimizers.base import multi_param_step
+
+    calls = []
+
+    def recompile_fails(kernel, static=None):
+        def fn(*args, **flags):
+            calls.append(len(calls))
+            if len(calls) > 1:  # the trial run compiled; a later call needs a recompilation, which fails
+                raise dynamo_exc.TorchDynamoException("recompilation failed")
+            multi_param_step(*args, kernel=kernel, **flags)
+
+        return fn
+
+    _fast_path(monkeypatch, recompile_fails, path)
+    a, b = twin_params()
+    o1, o2 = Adam(a, fused=True, nesterov=True), Adam(b, fused=False, nesterov=True)
+    with pytest.warns(RuntimeWarning, match="recompiling the fused step failed"):
+        drive(o1, o2, a, b, steps=1)
+    drive(o1, o2, a, b, steps=3, seed=2)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)  # eager steps only (the trial ran on copies)
+    assert len(calls) == 2
+
+
+@PATHS
 def test_float64_params_get_float64_scalars_and_decay_never_recompiles(monkeypatch, path):
     fake = _FakeCompiler()
     fake.gate.set()

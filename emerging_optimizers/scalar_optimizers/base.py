@@ -615,27 +615,25 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
         cache: dict[Any, dict[str, Any]] = {}
         # compiled chunks always decay (a factor of 1.0 when there is none): an lr reaching 0 does not recompile
         compiled_flags = dict(flags, has_decay=True)
-        static = self._static
-        size = STATIC_CHUNK if static else FUSED_CHUNK
         for (device, *_), items in buckets.items():
             # float64 scalars: ``1 - beta2`` and friends are then computed as eagerly (in double, rounded once
             # into the float32 op), not in float32 (1 - 0.999 off by 1e-5 relative); same speed (memory-bound)
             hyper = _as_tensors({"lr": lr, "decay": decay, "l2": l2}, device, cache, torch.float64)
             scalars = _as_tensors(items[0][2][2], device, cache, torch.float64)
-            for i in range(0, len(items), size):
-                chunk = items[i : i + size]
+            for i in range(0, len(items), FUSED_CHUNK):
+                chunk = items[i : i + FUSED_CHUNK]
                 args = ([v[0] for v, _, _ in chunk], [g.view(-1) if g.is_contiguous() else g.reshape(-1)
                                                        for _, g, _ in chunk],
                         [v[1] for v, _, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"], scalars)
                 fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True,
-                                   who=type(self).__name__, static=static)
+                                   who=type(self).__name__)
                 if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
                     eager.extend(job for _, _, job in chunk)
                     continue
                 try:
                     fn(*args, **compiled_flags)
                 except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
-                    _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags, static))
+                    _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags))
                     warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
                                   f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=4)
                     eager.extend(job for _, _, job in chunk)
@@ -675,7 +673,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             try:
                 fn(*args, **compiled_flags)
             except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
-                _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags, True))
+                _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags, True, tsig))
                 warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
                               f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=4)
                 eager.extend(jobs[i] for i in idx)
