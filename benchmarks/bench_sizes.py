@@ -38,7 +38,7 @@ summary: optimizer x set, ratio to the byte floor) to stdout.
 
     python benchmarks/bench_sizes.py                       # every set, 5 rounds: ~4 min on a 2-core CPU
     python benchmarks/bench_sizes.py --sizes 0.1M,charlm --rounds 9 --json sizes.json
-    python benchmarks/bench_sizes.py --quick               # tiny sets, 1 round of 1 step (smoke test)
+    python benchmarks/bench_sizes.py --quick               # tiny sets, 1 round of 1 step, eager (smoke test)
 """
 
 from __future__ import annotations
@@ -286,14 +286,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke test: sets {','.join(QUICK_SIZES)} (unless --sizes), 1 round of 1 step")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    ap.add_argument("--after-s", type=float, default=0.0,
+    ap.add_argument("--after-s", type=float, default=None,
                     help="AUTO_FUSE_AFTER_S for this run (negative: None). Below AUTO_FUSE_MIN_NUMEL, fused=None "
                          "compiles once its eager steps have taken this long (the library's default is "
-                         f"{scalar_base.AUTO_FUSE_AFTER_S} s); 0 (default here): from the first step, so the steady "
-                         "state timed is the compiled path a long run reaches")
+                         f"{scalar_base.AUTO_FUSE_AFTER_S} s); default here 0: from the first step, so the steady "
+                         "state timed is the compiled path a long run reaches (-1 under --quick: a smoke test "
+                         "does not wait minutes for compilations)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
+    if args.after_s is None:
+        args.after_s = -1.0 if args.quick else 0.0
     sizes = args.sizes.split(",") if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     unknown = [s for s in sizes if s != CHARLM and s not in GPT_SETS]
     if unknown:
