@@ -562,6 +562,33 @@ def test_eigh_with_fallback_retries_in_float64_only_on_failure(monkeypatch, capl
         eig.eigh_with_fallback(x, force_double=True)
 
 
+def test_eigh_with_fallback_retries_in_float64_when_float32_returns_nan(monkeypatch):
+    """A float32 eigh that returns NaN for a finite matrix (without raising) is a failure too: LAPACK's ssyevd
+    did so on an Intel AVX-512 CPU for this 14x14 constant matrix (rank 1, 13 zero eigenvalues), met by ReklsV3
+    on near-zero gradients. Checked directly (bites where the library misbehaves) and with a mock (everywhere)."""
+    x = torch.full((14, 14), 5.111580776429037e-07)
+    w, V = eig.eigh_with_fallback(x)
+    assert torch.isfinite(w).all() and torch.isfinite(V).all()
+    torch.testing.assert_close(w[0], torch.tensor(14 * 5.111580776429037e-07), rtol=1e-6, atol=0)
+    torch.testing.assert_close(V @ torch.diag(w) @ V.T, x, rtol=0, atol=1e-12)
+
+    real = torch.linalg.eigh
+    calls = []
+
+    def nan_in_float32(a, *args, **kwargs):
+        calls.append(a.dtype)
+        w, V = real(a, *args, **kwargs)
+        return (w * float("nan"), V) if a.dtype == torch.float32 else (w, V)
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_in_float32)
+    A = torch.randn(5, 5)
+    w, V = eig.eigh_with_fallback(A @ A.T)
+    assert calls == [torch.float32, torch.float64] and torch.isfinite(w).all() and w.dtype == torch.float32
+    bad = torch.full((3, 3), float("nan"))  # NaN out of a NaN input is not eigh's failure (no retry for that)
+    assert not eig._nonfinite_result(bad, bad[0], bad)
+    assert eig._nonfinite_result(bad.nan_to_num(), bad[0], bad)
+
+
 def test_orthogonal_iteration_converges_to_the_eigenbasis():
     n = 6
     U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64)).Q

@@ -22,6 +22,16 @@ _LOG = logging.getLogger(__name__)
 _EIGH_ERRORS = (torch.linalg.LinAlgError, RuntimeError)
 
 
+def _nonfinite_result(a: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor) -> bool:
+    """Whether a CPU float32 ``eigh`` returned NaN/Inf for a finite input: LAPACK's ``ssyevd`` (MKL, on an Intel
+    AVX-512 CPU) does so for tiny rank-1 matrices with many repeated zero eigenvalues (a 14x14 constant matrix of
+    5e-7, met by ReklsV3 on near-zero gradients), without raising. Checked on CPU only (there the result is on the
+    host already; elsewhere it would cost a sync), never while torch.compile traces (data-dependent)."""
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not bool(torch.isfinite(eigvals).all() and torch.isfinite(eigvecs).all()) and bool(torch.isfinite(a).all())
+
+
 def eigh_with_fallback(
     x: torch.Tensor,
     force_double: bool = False,
@@ -32,7 +42,8 @@ def eigh_with_fallback(
 
     The matrix is decomposed in float32 (bfloat16/float16 inputs are up-cast first; float64 inputs stay
     float64). If that raises (``torch.linalg.LinAlgError`` or ``RuntimeError``: no convergence, ill-conditioned
-    input), the decomposition is repeated once in float64 and a warning is logged. With ``force_double`` the
+    input), or returns NaN/Inf for a finite input on CPU (:func:`_nonfinite_result`), the decomposition is
+    repeated once in float64 and a warning is logged. With ``force_double`` the
     float64 decomposition is the first and only attempt, and its error propagates.
 
     Args:
@@ -59,6 +70,8 @@ def eigh_with_fallback(
         a = a + eps * torch.eye(a.shape[-1], dtype=work_dtype, device=a.device)
     try:
         eigvals, eigvecs = torch.linalg.eigh(a)
+        if work_dtype != torch.float64 and _nonfinite_result(a, eigvals, eigvecs):
+            raise torch.linalg.LinAlgError("linalg.eigh returned non-finite values for a finite input")
     except _EIGH_ERRORS as err:
         if work_dtype == torch.float64:
             raise
