@@ -309,14 +309,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    old_threads, old_after = torch.get_num_threads(), scalar_base.AUTO_FUSE_AFTER_S
+    old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    scalar_base.AUTO_FUSE_AFTER_S = None if args.after_s < 0 else args.after_s
     try:
-        return _main(args)
+        with scalar_base.auto_fuse_after(None if args.after_s < 0 else args.after_s):
+            return _main(args)
     finally:
         torch.set_num_threads(old_threads)
-        scalar_base.AUTO_FUSE_AFTER_S = old_after
 
 
 def _main(args: argparse.Namespace) -> int:

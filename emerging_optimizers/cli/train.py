@@ -9,7 +9,6 @@ training loss stops the run and marks it diverged.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -80,29 +79,17 @@ def eval_steps(steps: int, eval_points: int) -> list[int]:
     return sorted({0, *(round(steps * i / n) for i in range(1, n + 1))})
 
 
-@contextlib.contextmanager
-def _no_timed_compilation() -> Iterator[None]:
-    """Keep small optimizers on their eager step for the run (``AUTO_FUSE_AFTER_S = None``).
-
-    Under ``fused=None`` an optimizer below ``AUTO_FUSE_MIN_NUMEL`` elements switches to its compiled step once
-    its eager steps have taken a few seconds, at a step that depends on the machine's speed; the compiled step
-    may round differently in the last bits (FMA contraction), so a run would no longer be reproducible.
-    """
-    from emerging_optimizers.scalar_optimizers import base
-
-    saved = base.AUTO_FUSE_AFTER_S
-    base.AUTO_FUSE_AFTER_S = None
-    try:
-        yield
-    finally:
-        base.AUTO_FUSE_AFTER_S = saved
-
-
 def train_run(problem: Problem, spec: OptimizerSpec, tuned: dict[str, Any], seed: int, steps: int,
               schedule: Schedule, eval_points: int, progress: ProgressFn | None = None) -> RunResult:
-    """Train ``problem``'s model from ``seed`` with ``spec`` for ``steps`` steps; deterministic for fixed threads
-    (small optimizers stay on their eager step: see :func:`_no_timed_compilation`)."""
-    with _no_timed_compilation():
+    """Train ``problem``'s model from ``seed`` with ``spec`` for ``steps`` steps; deterministic for fixed threads.
+
+    Small optimizers stay on their eager step: under ``fused=None`` they would switch to their compiled step once
+    their eager steps took a few seconds, at a step that depends on the machine's speed, and the compiled step may
+    round differently in the last bits (FMA contraction).
+    """
+    from emerging_optimizers.scalar_optimizers.base import auto_fuse_after
+
+    with auto_fuse_after(None):
         return _train_run(problem, spec, tuned, seed, steps, schedule, eval_points, progress)
 
 

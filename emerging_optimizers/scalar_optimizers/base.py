@@ -52,7 +52,7 @@ import time
 import types
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -63,7 +63,7 @@ from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weig
 from emerging_optimizers.utils import check_beta, check_nonneg
 
 __all__ = ["ScalarOptimizer", "UpdateFnOptimizer", "SingleMomentumOptimizer", "TwoMomentsOptimizer", "param_step",
-           "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "AUTO_FUSE_AFTER_S", "FUSED_CHUNK", "STATIC_CHUNK",
+           "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "AUTO_FUSE_AFTER_S", "auto_fuse_after", "FUSED_CHUNK", "STATIC_CHUNK",
            "compile_available"]
 
 #: ``fused=None`` compiles the step from the first step when the optimizer holds at least this many elements
@@ -74,6 +74,20 @@ AUTO_FUSE_MIN_NUMEL = 1 << 22
 #: the background: a short run (a test, a quick experiment) never pays for a compilation, a long one gets the
 #: fast path once it has shown it is long. None: never, below :data:`AUTO_FUSE_MIN_NUMEL`.
 AUTO_FUSE_AFTER_S: float | None = 5.0
+
+
+
+@contextlib.contextmanager
+def auto_fuse_after(seconds: float | None) -> Iterator[None]:
+    """:data:`AUTO_FUSE_AFTER_S` set to ``seconds`` for a block, restored after (``None``: small optimizers stay
+    eager, e.g. for a run that must be reproducible to the last bit)."""
+    global AUTO_FUSE_AFTER_S
+    saved, AUTO_FUSE_AFTER_S = AUTO_FUSE_AFTER_S, seconds
+    try:
+        yield
+    finally:
+        AUTO_FUSE_AFTER_S = saved
+
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -625,17 +639,7 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
                 args = ([v[0] for v, _, _ in chunk], [g.view(-1) if g.is_contiguous() else g.reshape(-1)
                                                        for _, g, _ in chunk],
                         [v[1] for v, _, _ in chunk], hyper["lr"], hyper["decay"], hyper["l2"], scalars)
-                fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True,
-                                   who=type(self).__name__)
-                if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
-                    eager.extend(job for _, _, job in chunk)
-                    continue
-                try:
-                    fn(*args, **compiled_flags)
-                except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
-                    _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags))
-                    warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
-                                  f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=4)
+                if not self._run_compiled(group, kernel, args, compiled_flags):
                     eager.extend(job for _, _, job in chunk)
         return eager
 
@@ -665,19 +669,27 @@ class ScalarOptimizer(WeightDecayMixin, EmergingOptimizer):
             hyper = plan.tensors({"lr": lr, "decay": decay, "l2": l2}, device, "hyper")
             args = (ps, [grads[i] for i in idx], states, hyper["lr"], hyper["decay"], hyper["l2"],
                     plan.tensors(jobs[idx[0]][2], device, "scalars"))
-            fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True, who=type(self).__name__,
-                               static=True, tensors=tsig)
-            if fn is None:  # compiling in the background, or compilation failed: this chunk runs eagerly
-                eager.extend(jobs[i] for i in idx)
-                continue
-            try:
-                fn(*args, **compiled_flags)
-            except _compile_errors() as exc:  # a recompilation failed, before running: nothing written
-                _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags, True, tsig))
-                warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
-                              f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=4)
+            if not self._run_compiled(group, kernel, args, compiled_flags, static=True, tensors=tsig):
                 eager.extend(jobs[i] for i in idx)
         return eager
+
+    def _run_compiled(self, group: dict[str, Any], kernel: Kernel, args: tuple[Any, ...],
+                      compiled_flags: dict[str, bool], static: bool = False,
+                      tensors: tuple[Any, ...] | None = None) -> bool:
+        """Run one chunk on its compiled code; False when the chunk is left to the eager path (compiling in the
+        background, compilation failed, or a recompilation failed before running: nothing written)."""
+        fn = _COMPILED.get(kernel, args, compiled_flags, block=group["fused"] is True, who=type(self).__name__,
+                           static=static, tensors=tensors)
+        if fn is None:
+            return False
+        try:
+            fn(*args, **compiled_flags)
+        except _compile_errors() as exc:
+            _COMPILED.mark_failed(_CompiledChunks.signature(kernel, args, compiled_flags, static, tensors))
+            warnings.warn(f"{type(self).__name__}: recompiling the fused step failed ({type(exc).__name__}: "
+                          f"{exc}); running it eagerly from now on.", RuntimeWarning, stacklevel=5)
+            return False
+        return True
 
     def _flat_views(self, p: torch.Tensor,
                     keys: tuple[str, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
