@@ -1,0 +1,117 @@
+"""Where a compiled bf16-state step spends its time on CPU: the stochastic rounding, taken apart.
+
+One tensor of ``--numel`` elements (default 4M) with Adam's two moments, updated as Adam's kernel does
+(``m.lerp_(g, 0.1)``, ``v.lerp_(g * g, 0.001)``), each variant compiled by ``torch.compile`` (static shapes,
+one fused loop), all interleaved over ``--rounds`` rounds on one thread; median ms per call:
+
+* ``fp32 state``: the moments in float32, updated in place (12 bytes of moment traffic per element, x2).
+* ``bf16, round to nearest``: bf16 moments, computed in float32, written back with ``.to(bfloat16)``
+  (what a plain cast does: small updates are lost, the stall the rounding exists to avoid).
+* ``bf16, bitcasts, fixed noise``: the library's rounding with the hash replaced by a constant: only the
+  ``view(torch.int32)`` / ``view(torch.float32)`` bit casts of ``stochastic_round_``.
+* ``bf16, hash, no bitcasts``: the hash of ``stochastic_round_`` (one per moment) computed and folded into the
+  value without bit casts (the result is not a stochastic rounding: this only times the hash).
+* ``bf16, stochastic_round_``: what ``state_dtype=torch.bfloat16`` runs (hash + bit casts).
+
+Measured (AMD EPYC with AVX-512, torch 2.13.0+cpu, one thread, 4M elements): 1.3 / 1.0 / 8.6 / 5.3 / 8.3 ms.
+Inductor's C++ backend has no vectorized form of ``to_dtype_bitcast``: each bit cast is a scalar loop through a
+stack buffer (see the generated code with ``TORCH_LOGS=output_code``), and the 16-bit hash is a dozen integer
+vector ops (three 32-bit multiplies) per moment. A rounding written with float operations only (a bit-exact
+equivalent exists, via Rump's "unit in the first place") was measured slower still (10 ms: ~45 vector ops per
+value, a division among them). Hence bf16 state saves memory on CPU but not time.
+
+Usage: ``python benchmarks/bench_bf16_rounding.py [--numel 4194304] [--rounds 7]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from emerging_optimizers.cli.bench import cpu_description
+from emerging_optimizers.scalar_optimizers.base import _hash16, stochastic_round_
+
+
+def fp32_state(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, salt: torch.Tensor) -> None:
+    m.lerp_(g, 0.1)
+    v.lerp_(g * g, 0.001)
+
+
+def _moments(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return m.float().lerp(g, 0.1), v.float().lerp(g * g, 0.001)
+
+
+def bf16_nearest(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, salt: torch.Tensor) -> None:
+    mf, vf = _moments(m, v, g)
+    m.copy_(mf)
+    v.copy_(vf)
+
+
+def bf16_bitcasts_fixed_noise(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, salt: torch.Tensor) -> None:
+    mf, vf = _moments(m, v, g)
+    for t, w in ((m, mf), (v, vf)):
+        t.copy_(((w.view(torch.int32) + 0x7FFF) & -65536).view(torch.float32))
+
+
+def bf16_hash_no_bitcasts(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, salt: torch.Tensor) -> None:
+    mf, vf = _moments(m, v, g)
+    for k, (t, w) in enumerate(((m, mf), (v, vf))):
+        t.copy_(w + _hash16(w.numel(), salt + k, w.device).view(w.shape).float() * 1e-30)
+
+
+def bf16_stochastic_round(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, salt: torch.Tensor) -> None:
+    mf, vf = _moments(m, v, g)
+    for k, (t, w) in enumerate(((m, mf), (v, vf))):
+        stochastic_round_(t, w, salt + k)
+
+
+VARIANTS: dict[str, Callable[..., None]] = {
+    "fp32 state": fp32_state,
+    "bf16, round to nearest": bf16_nearest,
+    "bf16, bitcasts, fixed noise": bf16_bitcasts_fixed_noise,
+    "bf16, hash, no bitcasts": bf16_hash_no_bitcasts,
+    "bf16, stochastic_round_": bf16_stochastic_round,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--numel", type=int, default=1 << 22)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=20, help="calls per variant per round")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(args.numel, generator=gen)
+    m0, v0 = torch.randn(args.numel, generator=gen) * 0.01, torch.rand(args.numel, generator=gen) * 1e-4
+    salt = torch.tensor(3.0, dtype=torch.float64)
+    tensors = {name: (m0.clone(), v0.clone()) if name == "fp32 state" else
+               (m0.to(torch.bfloat16), v0.to(torch.bfloat16)) for name in VARIANTS}
+    compiled = {name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in VARIANTS.items()}
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; {args.numel:,} elements; one thread")
+    with torch.no_grad():
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            fn(*tensors[name], g, salt)
+            print(f"  compiled {name!r} in {time.perf_counter() - start:.1f} s", flush=True)
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, fn in compiled.items():
+                m, v = tensors[name]
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    fn(m, v, g, salt)
+                times[name].append((time.perf_counter() - start) / args.calls * 1e3)
+    base = statistics.median(times["fp32 state"])
+    print("\n| variant | ms per call | x fp32 state |\n|---|---:|---:|")
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        print(f"| {name} | {ms:.3f} | {ms / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
