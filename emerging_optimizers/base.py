@@ -226,10 +226,10 @@ class EmergingOptimizer(torch.optim.Optimizer):
         one all-reduce of a flag when torch.distributed runs); only a suspect step looks at each tensor, to
         confirm and to name the parameters.
         """
+        if all(g["nonfinite"] == "off" for g in self.param_groups):
+            return False
         checked = [(gi, i, p) for gi, group in enumerate(self.param_groups) if group["nonfinite"] != "off"
                    for i, p in enumerate(group["params"]) if p.grad is not None]
-        if not checked and all(g["nonfinite"] == "off" for g in self.param_groups):
-            return False
         self._check_grads([p for _, _, p in checked])
         suspect = nonfinite_flag([local(p.grad) for _, _, p in checked])
         if suspect.device.type == "meta":  # meta tensors hold no values to check
