@@ -316,7 +316,8 @@ def test_all_ranks_skip_together():
     run_ranks(_rank_worker, 2)
 
 
-@pytest.mark.parametrize("grad", [[3e38, 3e38, 1.0], [1e30, -1e30, 1.0]], ids=["sum-and-norm-overflow", "norm-overflow"])
+@pytest.mark.parametrize("grad", [[3e38, 3e38, 1.0], [1e30, -1e30, 1.0]],
+                         ids=["sum-and-norm-overflow", "norm-overflow"])
 def test_huge_finite_gradients_are_not_skipped(grad):
     """Finite gradients whose fused reduction overflows (the CPU sum for 3e38 + 3e38, the 2-norm for 1e30) make
     a suspect step, which the per-tensor confirmation clears; a reduction that does not overflow is no suspect."""
