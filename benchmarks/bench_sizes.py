@@ -13,13 +13,13 @@ of our scalar optimizers (``emerging_optimizers.get_optimizer_cls(name)``) at it
 Timing, per set, in one process with ``--threads`` torch threads (default 1):
 
 * first step: ``step()`` of a freshly built optimizer (state allocation, and any compilation it blocks on:
-  ``fused=None`` never blocks; it compiles in a background thread, from the first step when the optimizer holds
-  at least ``AUTO_FUSE_MIN_NUMEL`` elements, else once its eager steps have taken ``AUTO_FUSE_AFTER_S`` seconds:
-  5 s in the library, set to 0 for this run by ``--after-s`` so that the steady state timed is the compiled
-  path a long run reaches; ``--after-s -1`` times the eager path). While that compiles, the variant keeps stepping, as a training loop would
-  (``steps while compiling``; ``slowest step s``: the longest of those steps and the first, the stall a user would
-  see); ``compile s``: the time until the compilation is done (0 when nothing was compiling, e.g. when an earlier
-  variant of the same kernel compiled it: compiled code is shared within a process); then one untimed warm-up
+  ``fused=None`` never blocks; it compiles in a background thread, from the first step when the optimizer holds at
+  least ``AUTO_FUSE_MIN_NUMEL`` elements, else once its eager steps have taken ``AUTO_FUSE_AFTER_S`` seconds: 5 s in
+  the library, set to 0 for this run by ``--after-s`` so that the steady state timed is the compiled path a long run
+  reaches; ``--after-s -1`` times the eager path). While that compiles, the variant keeps stepping, as a training loop
+  would (``steps while compiling``; ``slowest step s``: the longest of those steps and the first, the stall a user
+  would see); ``compile s``: the time until the compilation is done (0 when nothing was compiling, e.g. when an
+  earlier variant of the same kernel compiled it: compiled code is shared within a process); then one untimed warm-up
   step, before the next variant is built;
 * steady state: ``--rounds`` interleaved rounds (each round times every variant in turn, in an order rotated every
   round, each for as many consecutive steps as take about ``--round-s`` seconds, or ``--steps``); reported: the

@@ -63,8 +63,8 @@ from emerging_optimizers.mixin import WeightDecayMixin, WeightDecayT, check_weig
 from emerging_optimizers.utils import check_beta, check_nonneg
 
 __all__ = ["ScalarOptimizer", "UpdateFnOptimizer", "SingleMomentumOptimizer", "TwoMomentsOptimizer", "param_step",
-           "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "AUTO_FUSE_AFTER_S", "auto_fuse_after", "FUSED_CHUNK", "STATIC_CHUNK",
-           "compile_available"]
+           "multi_param_step", "AUTO_FUSE_MIN_NUMEL", "AUTO_FUSE_AFTER_S", "auto_fuse_after", "FUSED_CHUNK",
+           "STATIC_CHUNK", "compile_available"]
 
 #: ``fused=None`` compiles the step from the first step when the optimizer holds at least this many elements
 #: (about 4M), in chunks of :data:`FUSED_CHUNK` tensors that share one dynamic-shape graph.
