@@ -47,7 +47,7 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     flags = []
     for (device, dtype), ts in by_kind.items():
         if device.type == "cpu":
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = torch.promote_types(dtype, torch.float32)  # float64 stays float64; half types sum in float32
             reduced = [t.sum(dtype=acc) for t in ts]
         else:
             reduced = list(torch._foreach_norm(ts))
