@@ -16,11 +16,11 @@ def _single_thread_and_seed():
 
 @pytest.fixture(autouse=True)
 def _no_cpu_bf16_matmul(request, monkeypatch):
-    """Same results on every machine: under ``"medium"`` Newton-Schulz picks bf16 on CPUs with AMX-BF16
-    (:func:`emerging_optimizers.utils.cpu_has_amx_bf16`), which would break float32 comparisons there.
+    """Same results on every machine: under ``"medium"`` Newton-Schulz picks bf16 on CPUs with bf16 matrix
+    units (:func:`emerging_optimizers.utils.cpu_has_bf16_matmul`), which would break float32 comparisons there.
 
-    Tests see a CPU without bf16 units unless marked ``@pytest.mark.real_cpu_bf16``; a test may force AMX
-    with ``monkeypatch.setattr(eo_utils, "cpu_has_amx_bf16", lambda: True)``.
+    Tests see a CPU without bf16 units unless marked ``@pytest.mark.real_cpu_bf16``; a test may force them
+    with ``monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: True)``.
     """
     if request.node.get_closest_marker("real_cpu_bf16") is None:
         monkeypatch.setattr(eo_utils, "cpu_has_amx_bf16", lambda: False)

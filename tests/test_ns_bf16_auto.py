@@ -1,6 +1,6 @@
-"""bf16 Newton-Schulz chosen automatically on CPUs with AMX-BF16 units (``ns_compute_dtype`` under "medium").
+"""bf16 Newton-Schulz chosen automatically on CPUs with bf16 matrix units (``ns_compute_dtype`` under "medium").
 
-conftest.py makes :func:`emerging_optimizers.utils.cpu_has_amx_bf16` (and ``cpu_has_bf16_matmul``) return False
+conftest.py makes :func:`emerging_optimizers.utils.cpu_has_bf16_matmul` (and ``cpu_has_amx_bf16``) return False
 for every test; here it is forced either way (``force_bf16``), and the real detection is checked once
 (``real_cpu_bf16`` marker).
 """
@@ -21,7 +21,7 @@ from emerging_optimizers.utils import fp32_matmul_precision
 @pytest.fixture
 def force_bf16(monkeypatch):
     def force(value: bool) -> None:
-        monkeypatch.setattr(eo_utils, "cpu_has_amx_bf16", lambda: value)
+        monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: value)
 
     return force
 
@@ -202,8 +202,8 @@ def test_real_detection_agrees_with_proc_cpuinfo():
     amx = eo_utils.cpu_has_amx_bf16()
     # AMX needs the flag; torch's probe (OS tile state) may still say no where the flag is listed
     assert not amx or "amx_bf16" in flags
-    with fp32_matmul_precision("medium"):
-        assert ns_compute_dtype(torch.zeros(2, 3)) == (torch.bfloat16 if amx else torch.float32)
+    with fp32_matmul_precision("medium"):  # the precision follows the bf16 units, AMX or not
+        assert ns_compute_dtype(torch.zeros(2, 3)) == (torch.bfloat16 if expected else torch.float32)
 
 
 @pytest.mark.real_cpu_bf16

@@ -449,8 +449,8 @@ def _run(args: argparse.Namespace, spec_list: list[specs.OptimizerSpec]) -> int:
             fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
             muon_estimate = torch_muon_step_s([p.shape for _, p in hidden], bf16)
             units = "has" if cpu_has_bf16_matmul() else ("has no" if cpu_flags() is not None else "may lack")
-            ours = ("bf16 on this CPU (AMX-BF16)" if eo_utils.cpu_has_amx_bf16()
-                    else "fp32 here (bf16 only with AMX-BF16)")
+            ours = ("bf16 on this CPU" if eo_utils.cpu_has_bf16_matmul()
+                    else "fp32 here (bf16 only with bf16 matmul units)")
             print(f"torch.optim.Muon runs its Newton-Schulz in bf16 (fixed by torch; ours under 'medium': {ours}): "
                   f"this CPU {units} bf16 matmul units; probe (256x256 matmul): bf16 {bf16:.1f} GFLOP/s, fp32 "
                   f"{fp32:.1f} GFLOP/s; a torch Muon step estimated at {_secs(muon_estimate)} s", flush=True)

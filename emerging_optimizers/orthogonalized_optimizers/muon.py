@@ -14,8 +14,8 @@ where :math:`NS_K(D) \approx U_D V_D^\top` is :func:`newton_schulz` (``num_ns_st
 * ``"unit_rms_norm"``: :math:`\sqrt{m/n}` (Scion, arXiv:2502.07529).
 
 Defaults: ``lr=3e-4``, ``momentum=0.95``, ``weight_decay=0.01`` decoupled, no Nesterov, ``quintic`` x 5,
-``fp32_matmul_prec="medium"`` (bf16 Newton-Schulz on CUDA and on CPUs with AMX-BF16 units, where it is ~10x
-faster; float32 elsewhere: :func:`~.muon_utils.ns_compute_dtype`).
+``fp32_matmul_prec="medium"`` (bf16 Newton-Schulz on CUDA and on CPUs with bf16 matrix units, AMX-BF16 or
+AVX512-BF16, where it is 1.05-10x faster; float32 elsewhere: :func:`~.muon_utils.ns_compute_dtype`).
 
 Beyond the reference, every option is per param group (and survives ``state_dict()``):
 
@@ -163,9 +163,9 @@ class Muon(OrthogonalizedOptimizer):
         weight_update_hook: a :class:`WeightUpdateHook`.
         ns_method: Newton-Schulz computation (``"auto"`` picks the cheapest exact variant per shape).
         ns_compute_dtype: Newton-Schulz compute dtype. ``None``: :func:`~.muon_utils.ns_compute_dtype`, i.e.
-            under ``"medium"`` bf16 on CUDA and on CPUs with AMX-BF16 (~10x per matmul), float32 otherwise
-            (with only AVX512-BF16, measured on an AMD EPYC: bf16 1.8x faster on 512 x 512, 1.05-1.15x on wide
-            shapes; pass ``torch.bfloat16`` to opt in). ``torch.float32`` gives the same result on every machine.
+            under ``"medium"`` bf16 on CUDA and on CPUs with bf16 matrix units (AMX-BF16: ~10x per matmul;
+            AVX512-BF16: 1.05-3.3x per iteration, measured on two AMD EPYCs), float32 otherwise (AVX2-only CPUs,
+            where bf16 is emulated and slower). ``torch.float32`` gives the same result on every machine.
         stacked_dims: leading dims indexing independent matrices (0 = conv-style flattening of ``in``).
         split_sizes: row split of each matrix into separately orthogonalized parts (e.g. fused QKV).
         momentum_dtype: dtype of the momentum buffer (``None``: the parameter's).

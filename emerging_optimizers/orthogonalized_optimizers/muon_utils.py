@@ -36,23 +36,23 @@ for the shape with a FLOP model (:func:`ns_flop_model`):
 
 Compute precision (:func:`ns_compute_dtype`): float64 for float64 input. Under
 ``torch.get_float32_matmul_precision() == "medium"`` (the default ``fp32_matmul_prec`` of Muon and most of the
-orthogonalized family, set around the orthogonalization) bfloat16 where bf16 matmuls are much faster: on a CUDA
-device with bf16 support, and on a CPU with AMX-BF16 units (:func:`emerging_optimizers.utils.cpu_has_amx_bf16`;
-~10x per matmul there) -- the precision torch.optim.Muon and GPU users run. float32 everywhere else: under
-``"high"``/``"highest"``; on CPUs without bf16 units (AVX2 only), where torch emulates bf16 and a bf16 matmul is
-several times *slower* than a float32 one (the reference library casts to bf16 under ``"medium"`` on every
-device); and on CPUs with only AVX512-BF16 (AMD Zen 4), where the gain is small. Measured on an AMD EPYC with
-AVX512-BF16, one thread (``benchmarks/ns_bf16_quality.py``): a bf16 matmul 512^3 takes 1.2 ms vs 2.6 ms in
-float32, but quintic x 5 on a gradient-like input (rank 16 + 30% noise), float32 with ``method="auto"`` vs bf16,
-is 512 x 512 36 vs 20 ms (1.8x), 128 x 512 1.6 vs 1.5 ms, 512 x 2048 68 vs 59 ms, 1024 x 4096 502 vs 478 ms
+orthogonalized family, set around the orthogonalization) bfloat16 where bf16 matmuls are faster: on a CUDA
+device with bf16 support, and on a CPU with bf16 matrix units, AMX-BF16 or AVX512-BF16 on x86, BF16 on Arm
+(:func:`emerging_optimizers.utils.cpu_has_bf16_matmul`) -- the precision torch.optim.Muon and GPU users run.
+float32 everywhere else: under ``"high"``/``"highest"``, and on CPUs without bf16 units (AVX2 only), where torch
+emulates bf16 and a bf16 matmul is several times *slower* than a float32 one (the reference library casts to
+bf16 under ``"medium"`` on every device). The gain, quintic x 5 on a gradient-like input (rank 16 + 30% noise),
+float32 with ``method="auto"`` vs bf16, one thread (``benchmarks/ns_bf16_quality.py``): ~10x per matmul with
+AMX; 1.65 / 3.3 / 2.2 / 1.9x at 128 x 512 / 512 x 512 / 512 x 2048 / 1024 x 4096 on an AMD EPYC with
+AVX512-BF16 (0.9 / 11.0 / 30.6 / 286 ms against 1.5 / 36.1 / 67.9 / 537 ms), 1.05-1.8x on an earlier one
 (float32 takes the Gram form on wide shapes, about half the work, which bf16 cannot use). Quality: the bf16
 result differs from the float32 one by ~1% (relative Frobenius norm; up to ~3% for rank-4 inputs), its singular
 values stay in float32's band (extremes within 0.006, at most 1.146 for quintic), and Muon on
 ``charlm-shakespeare`` (3 seeds) reaches val loss 2.131 +- 0.008 vs 2.124 +- 0.006 in float32
 (``docs/compare-ns-bf16``). float32 products on CPU are made exact (``"highest"`` inside the iteration: with
 ``"medium"`` oneDNN silently rounds float32 matmul inputs to bf16 on CPUs with AMX), and only true
-float32/float64 products may take the Gram form. ``compute_dtype=`` overrides the choice (``torch.bfloat16``
-to opt in on an AVX512-BF16 CPU; ``torch.float32`` for results that do not depend on the machine).
+float32/float64 products may take the Gram form. ``compute_dtype=`` overrides the choice (``torch.float32`` for
+results that do not depend on the machine, ``torch.bfloat16`` to force bf16).
 """
 
 from __future__ import annotations
@@ -548,15 +548,15 @@ def ns_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the iteration runs in for ``x`` (module docstring, "Compute precision").
 
     float64 for float64 input. Under ``torch.get_float32_matmul_precision() == "medium"``: bfloat16 on a CUDA
-    device with bf16 support, and on a CPU with AMX-BF16 units (:func:`~emerging_optimizers.utils.cpu_has_amx_bf16`),
-    where it is ~10x faster than float32; float32 otherwise (other devices, CPUs without AMX,
-    ``"high"``/``"highest"``).
+    device with bf16 support, and on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16, Arm BF16:
+    :func:`~emerging_optimizers.utils.cpu_has_bf16_matmul`), where it is 1.05-10x faster than float32; float32
+    otherwise (other devices, CPUs without bf16 units, ``"high"``/``"highest"``).
     """
     if x.dtype == torch.float64:
         return torch.float64
     if torch.get_float32_matmul_precision() == "medium":
         if x.device.type == "cpu":
-            if _eo_utils.cpu_has_amx_bf16():  # looked up per call: tests patch it
+            if _eo_utils.cpu_has_bf16_matmul():  # looked up per call: tests patch it
                 return torch.bfloat16
         elif x.is_cuda and torch.cuda.is_bf16_supported():
             return torch.bfloat16

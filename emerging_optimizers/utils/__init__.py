@@ -155,10 +155,10 @@ def cpu_has_bf16_matmul() -> bool:
 
     True when torch's probes (``torch.cpu._is_amx_tile_supported`` / ``_is_avx512_bf16_supported``) say so or
     ``/proc/cpuinfo`` lists ``amx_bf16``, ``avx512_bf16`` or (Arm) ``bf16``. Computed once (``cache_clear()``
-    to redo). On such CPUs a bf16 matmul is faster than a float32 one (measured on an AMD EPYC with
-    AVX512-BF16, one thread: 512^3 1.2 ms vs 2.6 ms; ~10x on Intel AMX); without them (AVX2 only) torch
-    emulates bf16 and it is several times slower than float32.
-    What Newton-Schulz runs in is decided by the narrower :func:`cpu_has_amx_bf16`.
+    to redo). On such CPUs a bf16 matmul is faster than a float32 one (AMD EPYC with AVX512-BF16, one thread,
+    256 x 256: 337 vs 92 GFLOP/s; ~10x on Intel AMX); without them (AVX2 only) torch emulates bf16 and it is
+    several times slower than float32. It decides what Newton-Schulz runs in under ``"medium"``
+    (:func:`~emerging_optimizers.orthogonalized_optimizers.muon_utils.ns_compute_dtype`).
     """
     return _torch_bf16_probe() or bf16_matmul_in_cpu_flags(_proc_cpu_flags())
 
@@ -169,12 +169,8 @@ def cpu_has_amx_bf16() -> bool:
 
     ``/proc/cpuinfo`` must list ``amx_bf16`` where it can be read, and torch's probe
     (``torch.cpu._is_amx_tile_supported``, which also asks the OS for the tile state) must agree where it exists.
-    Computed once (``cache_clear()`` to redo).
-    :func:`~emerging_optimizers.orthogonalized_optimizers.muon_utils.ns_compute_dtype` runs Newton-Schulz in bf16
-    on such CPUs under ``"medium"`` matmul precision: a bf16 matmul is ~10x a float32 one there. With only
-    AVX512-BF16 (e.g. AMD Zen 4) the gain is too small to trade float32's exact products for: measured on an
-    AMD EPYC, one thread, quintic x 5 in bf16 vs float32 (``method="auto"``) is 1.05-1.14x faster on wide shapes
-    (float32 takes the Gram form, about half the work, which bf16 cannot use) and 1.8x on 512 x 512.
+    Computed once (``cache_clear()`` to redo). Informational (``emopt bench`` prints it): Newton-Schulz's
+    precision follows the broader :func:`cpu_has_bf16_matmul`.
     """
     flags = _proc_cpu_flags()
     if flags is not None and "amx_bf16" not in flags:
