@@ -7,9 +7,9 @@ Variants, run in turn in every round (median over rounds):
 
 * ``plain``: the plain reference, one matrix at a time: momentum EMA, float32 5-step quintic Newton-Schulz
   with three GEMMs per step (written here from the formulas), spectral scale, ``p -= lr * u``;
-* ``muon``: ``emerging_optimizers.Muon`` (defaults: ``ns_method="auto"``, shape-batched);
-* ``muon_plain``: ``Muon(ns_method="plain")`` (batching only, no fast products);
-* ``muon_bf16``: ``Muon(ns_compute_dtype=torch.bfloat16)`` (fast on CPUs with AMX-BF16);
+* ``muon``: ``emerging_optimizers.Muon`` (``ns_method="auto"``, shape-batched; float32 Newton-Schulz);
+* ``muon_plain``: ``Muon(ns_method="plain")`` (batching only, no fast products; float32);
+* ``muon_bf16``: ``Muon(ns_compute_dtype=torch.bfloat16)`` (the default on CPUs with bf16 matrix units);
 * ``torch``: ``torch.optim.Muon`` (bf16 Newton-Schulz).
 
 Usage: ``python benchmarks/bench_muon.py [--blocks 6] [--d-model 512] [--fused-qkv] [--rounds 7]``
@@ -88,8 +88,11 @@ def main() -> None:
     lr, mu = 1e-3, 0.95
     variants: dict[str, Callable[[], None]] = {}
     variants["plain"] = make_plain_step(make_params(), lr, mu)
-    variants["muon"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0).step
-    variants["muon_plain"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_method="plain").step
+    fp32 = torch.float32  # bf16 is the default on CPUs with bf16 matrix units; these rows are the fp32 ones
+    variants["muon"] = Muon(make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_compute_dtype=fp32).step
+    variants["muon_plain"] = Muon(
+        make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_method="plain", ns_compute_dtype=fp32
+    ).step
     variants["muon_bf16"] = Muon(
         make_params(), lr=lr, momentum=mu, weight_decay=0.0, ns_compute_dtype=torch.bfloat16
     ).step

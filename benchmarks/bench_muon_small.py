@@ -3,7 +3,9 @@
 Three parameter sets, every variant with its own copy of the parameters, fixed random gradients:
 
 * ``mlp``: the ``mlp-digits`` task's MLP 64-128-128-10 (26k parameters). ``muon``: ``Muon`` on its two hidden
-  matrices (``fc1``, ``fc2``; defaults, float32); ``adamw``: ``emerging_optimizers.AdamW`` on the whole model;
+  matrices (``fc1``, ``fc2``; defaults: bf16 Newton-Schulz on CPUs with bf16 matrix units, float32 elsewhere);
+  ``muon_fp32``: the same with ``ns_compute_dtype=torch.float32``; ``adamw``: ``emerging_optimizers.AdamW`` on
+  the whole model;
   ``adamw_rest``: that AdamW on the parameters ``MuonAdamW`` gives to AdamW (biases and the head);
   ``muon_adamw``: ``MuonAdamW(model, matrix_optimizer="muon")`` (the whole step); ``muon_adamw_normuon``:
   ``MuonAdamW(model)`` with its default matrix side (NorMuon); ``ns``: the plain float32 Newton-Schulz of the
@@ -11,8 +13,10 @@ Three parameter sets, every variant with its own copy of the parameters, fixed r
 * ``charlm``: the ``charlm-shakespeare`` model's 16 hidden matrices (4 blocks x 128: qkv, proj, fc1, fc2).
 * ``gpt``: 2 GPT blocks of d_model 512 (q, k, v, o, mlp up, mlp down; 12 matrices).
 
-For ``charlm`` and ``gpt``: ``muon`` (``Muon(weight_decay=0)``, float32 Newton-Schulz) against ``plain``, the
-plain reference of ``benchmarks/bench_muon.py`` (one matrix at a time, three GEMMs per Newton-Schulz step).
+For ``charlm`` and ``gpt``: ``muon`` (``Muon(weight_decay=0, ns_compute_dtype=torch.float32)``) against
+``plain``, the plain float32 reference of ``benchmarks/bench_muon.py`` (one matrix at a time, three GEMMs per
+Newton-Schulz step); ``muon_default`` is ``Muon(weight_decay=0)`` at its default precision (bf16 on CPUs with
+bf16 matrix units).
 
 Timing: every round runs each variant for ``--steps`` consecutive steps (per set; the order rotates every
 round); reported: the median over ``--rounds`` rounds of the mean ms/step, process CPU time (with one thread,
@@ -74,6 +78,8 @@ def mlp_variants() -> dict[str, Callable[[], None]]:
     v: dict[str, Callable[[], None]] = {}
     m = _mlp()
     v["muon"] = Muon([m.fc1.weight, m.fc2.weight], lr=LR, momentum=MU).step
+    m = _mlp()
+    v["muon_fp32"] = Muon([m.fc1.weight, m.fc2.weight], lr=LR, momentum=MU, ns_compute_dtype=torch.float32).step
     v["adamw"] = AdamW(_mlp().parameters(), lr=LR).step
     m = _mlp()
     hidden = {id(m.fc1.weight), id(m.fc2.weight)}
@@ -99,7 +105,8 @@ def gpt_params() -> list[torch.Tensor]:
 
 def matrix_variants(make: Callable[[], list[torch.Tensor]]) -> dict[str, Callable[[], None]]:
     return {"plain": make_plain_step(make(), LR, MU),
-            "muon": Muon(make(), lr=LR, momentum=MU, weight_decay=0.0).step}
+            "muon": Muon(make(), lr=LR, momentum=MU, weight_decay=0.0, ns_compute_dtype=torch.float32).step,
+            "muon_default": Muon(make(), lr=LR, momentum=MU, weight_decay=0.0).step}
 
 
 def time_interleaved(sets: dict[str, tuple[dict[str, Callable[[], None]], int]], rounds: int
@@ -144,8 +151,10 @@ def main() -> None:
     print(f"  mlp    muon_adamw / (muon + adamw_rest) = {c['muon_adamw'] / (c['muon'] + c['adamw_rest']):.2f}")
     for s, label in (("charlm", "char-LM 16 matrices (4 x 128)"), ("gpt", "2 GPT blocks, d_model 512")):
         r = res[s]
-        print(f"  {s:6s} {label}: muon {r['muon'][0]:8.3f} ms ({r['muon'][1]:.3f}), plain {r['plain'][0]:8.3f} ms "
-              f"({r['plain'][1]:.3f}); muon / plain = {r['muon'][0] / r['plain'][0]:.2f}")
+        print(f"  {s:6s} {label}: muon (fp32) {r['muon'][0]:8.3f} ms ({r['muon'][1]:.3f}), plain "
+              f"{r['plain'][0]:8.3f} ms ({r['plain'][1]:.3f}); muon / plain = {r['muon'][0] / r['plain'][0]:.2f}; "
+              f"muon at its default precision {r['muon_default'][0]:8.3f} ms "
+              f"({r['muon_default'][0] / r['plain'][0]:.2f}x plain)")
 
 
 if __name__ == "__main__":
