@@ -13,6 +13,7 @@ import torch
 
 import emerging_optimizers.utils as eo_utils
 from emerging_optimizers.cli import bench
+from emerging_optimizers.orthogonalized_optimizers import muon_utils
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon
 from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz, ns_compute_dtype
 from emerging_optimizers.utils import fp32_matmul_precision
@@ -20,8 +21,11 @@ from emerging_optimizers.utils import fp32_matmul_precision
 
 @pytest.fixture
 def force_bf16(monkeypatch):
+    """Force the CPU's bf16 units on or off, for every matrix size (the small-matrix rule has its own tests)."""
+
     def force(value: bool) -> None:
         monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: value)
+        monkeypatch.setattr(muon_utils, "CPU_BF16_MIN_DIM", 0)
 
     return force
 
@@ -68,6 +72,25 @@ def test_conftest_default_is_no_bf16_units():
     assert eo_utils.cpu_has_bf16_matmul() is False
     with fp32_matmul_precision("medium"):
         assert ns_compute_dtype(torch.zeros(4, 8)) == torch.float32
+
+
+@pytest.mark.parametrize("shape, bf16", [
+    ((128, 128), True), ((128, 4096), True), ((512, 128), True), ((3, 256, 128), True),
+    ((127, 4096), False), ((4096, 64), False), ((64, 64), False), ((3, 96, 512), False),
+])
+def test_small_cpu_matrices_keep_float32(monkeypatch, shape, bf16):
+    """With bf16 units, a CPU matrix whose short side is below CPU_BF16_MIN_DIM (128) stays float32."""
+    monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: True)
+    assert muon_utils.CPU_BF16_MIN_DIM == 128
+    with fp32_matmul_precision("medium"):
+        assert ns_compute_dtype(torch.zeros(shape)) == (torch.bfloat16 if bf16 else torch.float32)
+        # newton_schulz follows it: equal to the explicit dtype's result
+        x = gradient_like(shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1], seed=5).reshape(shape)
+        want = newton_schulz(x, 5, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        assert torch.equal(newton_schulz(x, 5), want)
+    monkeypatch.setattr(eo_utils, "cpu_has_bf16_matmul", lambda: False)
+    with fp32_matmul_precision("medium"):
+        assert ns_compute_dtype(torch.zeros(shape)) == torch.float32
 
 
 def test_newton_schulz_default_follows_the_choice(force_bf16):
@@ -203,7 +226,8 @@ def test_real_detection_agrees_with_proc_cpuinfo():
     # AMX needs the flag; torch's probe (OS tile state) may still say no where the flag is listed
     assert not amx or "amx_bf16" in flags
     with fp32_matmul_precision("medium"):  # the precision follows the bf16 units, AMX or not
-        assert ns_compute_dtype(torch.zeros(2, 3)) == (torch.bfloat16 if expected else torch.float32)
+        assert ns_compute_dtype(torch.zeros(128, 256)) == (torch.bfloat16 if expected else torch.float32)
+        assert ns_compute_dtype(torch.zeros(2, 3)) == torch.float32  # small: float32 everywhere
 
 
 @pytest.mark.real_cpu_bf16

@@ -164,8 +164,10 @@ class Muon(OrthogonalizedOptimizer):
         ns_method: Newton-Schulz computation (``"auto"`` picks the cheapest exact variant per shape).
         ns_compute_dtype: Newton-Schulz compute dtype. ``None``: :func:`~.muon_utils.ns_compute_dtype`, i.e.
             under ``"medium"`` bf16 on CUDA and on CPUs with bf16 matrix units (AMX-BF16: ~10x per matmul;
-            AVX512-BF16: 1.05-3.3x per iteration, measured on two AMD EPYCs), float32 otherwise (AVX2-only CPUs,
-            where bf16 is emulated and slower). ``torch.float32`` gives the same result on every machine.
+            AVX512-BF16: 1.05-3.3x per iteration, measured on two AMD EPYCs) for matrices at least
+            ``muon_utils.CPU_BF16_MIN_DIM`` (128) on their short side, float32 otherwise (smaller matrices, and
+            AVX2-only CPUs, where bf16 is emulated and slower). ``torch.float32`` gives the same result on every
+            machine.
         stacked_dims: leading dims indexing independent matrices (0 = conv-style flattening of ``in``).
         split_sizes: row split of each matrix into separately orthogonalized parts (e.g. fused QKV).
         momentum_dtype: dtype of the momentum buffer (``None``: the parameter's).

@@ -38,7 +38,8 @@ Compute precision (:func:`ns_compute_dtype`): float64 for float64 input. Under
 ``torch.get_float32_matmul_precision() == "medium"`` (the default ``fp32_matmul_prec`` of Muon and most of the
 orthogonalized family, set around the orthogonalization) bfloat16 where bf16 matmuls are faster: on a CUDA
 device with bf16 support, and on a CPU with bf16 matrix units, AMX-BF16 or AVX512-BF16 on x86, BF16 on Arm
-(:func:`emerging_optimizers.utils.cpu_has_bf16_matmul`) -- the precision torch.optim.Muon and GPU users run.
+(:func:`emerging_optimizers.utils.cpu_has_bf16_matmul`; on CPU only for matrices at least
+:data:`CPU_BF16_MIN_DIM` on their short side) -- the precision torch.optim.Muon and GPU users run.
 float32 everywhere else: under ``"high"``/``"highest"``, and on CPUs without bf16 units (AVX2 only), where torch
 emulates bf16 and a bf16 matmul is several times *slower* than a float32 one (the reference library casts to
 bf16 under ``"medium"`` on every device). The gain, quintic x 5 on a gradient-like input (rank 16 + 30% noise),
@@ -72,6 +73,7 @@ from emerging_optimizers.utils import check_matrix, fp32_matmul_precision
 
 __all__ = [
     "COEFFICIENT_SETS",
+    "CPU_BF16_MIN_DIM",
     "CoeffIterMode",
     "NSCoeffT",
     "NSMethodT",
@@ -544,20 +546,29 @@ def prefers_batching(device: torch.device, m: int, n: int) -> bool:
     return device.type != "cpu" or m * n < _CPU_BATCH_MAX_NUMEL
 
 
+#: On CPU, matrices whose short side is below this keep float32 under ``"medium"`` even with bf16 units: a bf16
+#: product there has a fixed cost of ~20 us (quintic x 5 on a 32 x 32 matrix: 0.31 ms in bf16, 0.075 in
+#: float32) that small matrices do not pay back. Measured, AMD EPYC with AVX512-BF16, one thread, float32 time
+#: over bf16 time: 64 x 64 0.47, 64 x 128 0.66, 64 x 512 0.89, 96 x 96 0.91; 128 x 128 1.59, 128 x 256 1.88,
+#: 256 x 256 3.43.
+CPU_BF16_MIN_DIM = 128
+
+
 def ns_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the iteration runs in for ``x`` (module docstring, "Compute precision").
 
     float64 for float64 input. Under ``torch.get_float32_matmul_precision() == "medium"``: bfloat16 on a CUDA
     device with bf16 support, and on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16, Arm BF16:
-    :func:`~emerging_optimizers.utils.cpu_has_bf16_matmul`), where it is 1.05-10x faster than float32; float32
-    otherwise (other devices, CPUs without bf16 units, ``"high"``/``"highest"``).
+    :func:`~emerging_optimizers.utils.cpu_has_bf16_matmul`) for matrices whose short side is at least
+    :data:`CPU_BF16_MIN_DIM` (smaller ones are faster in float32 there), where it is 1.6-10x faster than
+    float32; float32 otherwise (other devices, CPUs without bf16 units, ``"high"``/``"highest"``).
     """
     if x.dtype == torch.float64:
         return torch.float64
     if torch.get_float32_matmul_precision() == "medium":
         if x.device.type == "cpu":
-            if _eo_utils.cpu_has_bf16_matmul():  # looked up per call: tests patch it
-                return torch.bfloat16
+            if min(x.shape[-2:], default=0) >= CPU_BF16_MIN_DIM and _eo_utils.cpu_has_bf16_matmul():
+                return torch.bfloat16  # (units looked up per call: tests patch them)
         elif x.is_cuda and torch.cuda.is_bf16_supported():
             return torch.bfloat16
     return torch.float32
