@@ -412,6 +412,38 @@ def test_newton_schulz_tp_two_ranks_equals_one_process():
     run_ranks(_tp_worker, 2)
 
 
+def _tp_bf16_worker(rank: int, world: int, port: int, errors) -> None:
+    with gloo_rank(rank, world, port, errors):
+        import emerging_optimizers.utils as eo_utils
+        from emerging_optimizers.utils import fp32_matmul_precision
+
+        eo_utils.cpu_has_bf16_matmul = lambda: True  # this process only: a CPU with bf16 units
+        group = torch.distributed.group.WORLD
+        gen = torch.Generator().manual_seed(6)
+        # 160 x 384 split into 160 x 192 shards: the whole matrix's short side (160 >= CPU_BF16_MIN_DIM) picks
+        # bf16; 96 x 384 (96 x 192 shards) stays float32. A shard's own shape must not decide: 160 x 96 shards
+        # (split the other way) of a 160 x 192 matrix are still a 160-wide matrix.
+        for shape, dim in (((160, 384), 1), ((96, 384), 1), ((384, 160), 0), ((160, 192), 1)):
+            full = torch.randn(shape, generator=gen)
+            shard = full.chunk(world, dim=dim)[rank].contiguous()
+            with fp32_matmul_precision("medium"):
+                want_dtype = muon_utils.ns_compute_dtype(full)
+                assert want_dtype == (torch.bfloat16 if min(shape) >= 128 else torch.float32), (shape, want_dtype)
+                auto = muon_utils.newton_schulz_tp(shard, 5, "quintic", group, partition_dim=dim, tp_mode="distributed")
+                same, other = (muon_utils.newton_schulz(shard, 5, "quintic", transpose=dim == 0, tp_group=group,
+                                                        compute_dtype=dt)
+                               for dt in (want_dtype, ({torch.float32, torch.bfloat16} - {want_dtype}).pop()))
+            assert torch.equal(auto, same), shape  # the whole matrix's precision, on both ranks
+            assert not torch.equal(auto, other), shape
+        torch.distributed.barrier()
+
+
+@pytest.mark.distributed
+def test_newton_schulz_tp_picks_the_whole_matrix_precision():
+    """The bf16 choice follows the whole matrix on every rank (a shard's local shape would split it)."""
+    run_ranks(_tp_bf16_worker, 2)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Optimizer attributes, registry rules, overridable methods
 # --------------------------------------------------------------------------------------------------------------

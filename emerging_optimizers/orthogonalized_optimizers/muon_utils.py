@@ -563,11 +563,17 @@ def ns_compute_dtype(x: torch.Tensor) -> torch.dtype:
     :data:`CPU_BF16_MIN_DIM` (smaller ones are faster in float32 there), where it is 1.6-10x faster than
     float32; float32 otherwise (other devices, CPUs without bf16 units, ``"high"``/``"highest"``).
     """
+    return _ns_dtype(x, min(x.shape[-2:], default=0))
+
+
+def _ns_dtype(x: torch.Tensor, short_side: int) -> torch.dtype:
+    """:func:`ns_compute_dtype` with the matrix's short side given (for a tensor-parallel shard, the whole
+    matrix's: every rank, and a single process orthogonalizing the whole matrix, pick the same dtype)."""
     if x.dtype == torch.float64:
         return torch.float64
     if torch.get_float32_matmul_precision() == "medium":
         if x.device.type == "cpu":
-            if min(x.shape[-2:], default=0) >= CPU_BF16_MIN_DIM and _eo_utils.cpu_has_bf16_matmul():
+            if short_side >= CPU_BF16_MIN_DIM and _eo_utils.cpu_has_bf16_matmul():
                 return torch.bfloat16  # (units looked up per call: tests patch them)
         elif x.is_cuda and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -691,7 +697,6 @@ def newton_schulz(
         raise TypeError(f"Invalid compute_dtype: {compute_dtype!r}; use a floating dtype.")
     coeffs = _coefficients(steps, coefficient_type, custom_coefficient_sets, iter_mode)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    cdtype = ns_compute_dtype(x) if compute_dtype is None else compute_dtype
 
     shape = x.shape
     rows, cols = shape[-2], shape[-1]
@@ -703,6 +708,11 @@ def newton_schulz(
     if transpose:
         y = y.mT
     m, n = y.shape[-2], y.shape[-1]
+    if compute_dtype is not None:
+        cdtype = compute_dtype
+    else:  # a tensor-parallel shard is split along n: the whole matrix's short side decides, as on one process
+        world = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+        cdtype = _ns_dtype(x, min(m, n * world))
 
     # Which step functions: the public single-step functions (looked up at call time) for the reference's
     # paths (use_syrk under "medium", tp_group, method="plain"); a whole-iteration form otherwise.
