@@ -47,6 +47,7 @@ from emerging_optimizers import registry
 from emerging_optimizers import utils as eo_utils
 from emerging_optimizers.cli import specs
 from emerging_optimizers.cli.models import CharTransformer
+from emerging_optimizers.orthogonalized_optimizers import muon_utils
 
 __all__ = ["Variant", "gpt_like_model", "hidden_matrices", "time_variants", "run", "cpu_description",
            "cpu_has_bf16_matmul", "cpu_model", "cpu_flags", "matmul_gflops", "torch_muon_step_s"]
@@ -449,8 +450,8 @@ def _run(args: argparse.Namespace, spec_list: list[specs.OptimizerSpec]) -> int:
             fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
             muon_estimate = torch_muon_step_s([p.shape for _, p in hidden], bf16)
             units = "has" if cpu_has_bf16_matmul() else ("has no" if cpu_flags() is not None else "may lack")
-            ours = ("bf16 on this CPU" if eo_utils.cpu_has_bf16_matmul()
-                    else "fp32 here (bf16 only with bf16 matmul units)")
+            ours = (f"bf16 on this CPU for matrices at least {muon_utils.CPU_BF16_MIN_DIM} on their short side"
+                    if eo_utils.cpu_has_bf16_matmul() else "fp32 here (bf16 only with bf16 matmul units)")
             print(f"torch.optim.Muon runs its Newton-Schulz in bf16 (fixed by torch; ours under 'medium': {ours}): "
                   f"this CPU {units} bf16 matmul units; probe (256x256 matmul): bf16 {bf16:.1f} GFLOP/s, fp32 "
                   f"{fp32:.1f} GFLOP/s; a torch Muon step estimated at {_secs(muon_estimate)} s", flush=True)
