@@ -1,7 +1,8 @@
 """float32 vs bfloat16 Newton-Schulz on this CPU: time, singular-value band and difference of the results.
 
 The evidence behind :func:`emerging_optimizers.orthogonalized_optimizers.muon_utils.ns_compute_dtype` choosing
-bf16 under ``"medium"`` on CPUs with AMX-BF16 (and float32 on the others, where bf16 gains little). For each shape, a
+bf16 under ``"medium"`` on CPUs with bf16 matrix units, AMX-BF16 or AVX512-BF16 (float32 on the others, where
+torch emulates bf16, and for matrices under ``CPU_BF16_MIN_DIM`` on their short side). For each shape, a
 gradient-like input (rank-16 signal with decaying spectrum plus 30% noise) is orthogonalized with Muon's
 default Newton-Schulz (``quintic`` x 5, ``method="auto"``: float32 picks its cheapest exact form, bf16 the plain
 one) in float32 and in bfloat16. One thread; the two dtypes are timed alternately, median of the rounds.
