@@ -25,19 +25,44 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
-class _Counted:
-    """A stand-in optimizer: ``step()`` counts, sleeps ``delays[i]`` (the last one repeats) or raises."""
+class _VirtualTime:
+    """Stands in for the ``time`` module inside ``bench`` (which only calls ``perf_counter``): a clock that only
+    the stand-in optimizers advance, so what the cap decides does not depend on how loaded the machine is."""
 
-    def __init__(self, delays: list[float] | None = None, fail_at: int | None = None) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def vtime(monkeypatch: pytest.MonkeyPatch) -> _VirtualTime:
+    clock = _VirtualTime()
+    monkeypatch.setattr(bench, "time", clock)
+    return clock
+
+
+class _Counted:
+    """A stand-in optimizer: ``step()`` counts, takes ``delays[i]`` seconds (the last one repeats) of the virtual
+    clock ``vtime`` (real sleeps without one), or raises."""
+
+    def __init__(self, delays: list[float] | None = None, fail_at: int | None = None,
+                 vtime: _VirtualTime | None = None) -> None:
         self.delays = delays or [0.0]
         self.fail_at = fail_at
+        self.vtime = vtime
         self.steps = 0
 
     def step(self) -> None:
         self.steps += 1
         if self.fail_at is not None and self.steps >= self.fail_at:
             raise RuntimeError("boom\nsecond line")
-        time.sleep(self.delays[min(self.steps - 1, len(self.delays) - 1)])
+        delay = self.delays[min(self.steps - 1, len(self.delays) - 1)]
+        if self.vtime is None:
+            time.sleep(delay)
+        else:
+            self.vtime.now += delay
 
 
 def _variant(label: str, opt: _Counted) -> bench.Variant:
@@ -100,8 +125,8 @@ def test_cap_must_be_positive(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- the cap
-def test_first_step_over_cap_drops_the_variant_at_once():
-    slow, fast = _Counted([0.05]), _Counted()
+def test_first_step_over_cap_drops_the_variant_at_once(vtime):
+    slow, fast = _Counted([0.05], vtime=vtime), _Counted(vtime=vtime)
     variants = [_variant("slow", slow), _variant("fast", fast)]
     bench.time_variants(variants, 1, 3, 2, cap_s=0.01)
     assert slow.steps == 1 and variants[0].over_cap and variants[0].ms == []  # not its second warm-up step
@@ -109,31 +134,31 @@ def test_first_step_over_cap_drops_the_variant_at_once():
     assert fast.steps == 2 + 3 and len(variants[1].ms) == 3 and not variants[1].over_cap
 
 
-def test_estimate_over_cap_means_not_run():
-    opt = _Counted()
+def test_estimate_over_cap_means_not_run(vtime):
+    opt = _Counted(vtime=vtime)
     v = _variant("estimated", opt)
     v.step_s = 5.0  # as the bf16 probe sets it for torch Muon
     bench.time_variants([v], 1, 2, 1, cap_s=1.0)
     assert opt.steps == 0 and v.over_cap and v.result() == "over cap (est. 5 s/step, not run)"
 
 
-def test_variant_that_slows_down_is_dropped_before_its_rounds_run_out():
-    opt = _Counted([0.0, 0.1])  # warm-up instant, then 0.1 s a step
+def test_variant_that_slows_down_is_dropped_before_its_rounds_run_out(vtime):
+    opt = _Counted([0.0, 0.1], vtime=vtime)  # warm-up instant, then 0.1 s a step
     v = _variant("slows", opt)
     bench.time_variants([v], 1, 4, 1, cap_s=0.25)
     assert v.over_cap and opt.steps < 1 + 4 and len(v.ms) == opt.steps - 1
     assert v.result().startswith("over cap (") and v.result().endswith(f"for {opt.steps} steps)")
 
 
-def test_no_cap_runs_everything():
-    opt = _Counted()
+def test_no_cap_runs_everything(vtime):
+    opt = _Counted(vtime=vtime)
     v = _variant("free", opt)
     bench.time_variants([v], 2, 3, 1, cap_s=None)
     assert opt.steps == 1 + 2 * 3 and len(v.ms) == 3 and not v.over_cap
 
 
-def test_failing_step_is_reported_and_the_others_go_on(capsys):
-    bad, good = _Counted(fail_at=2), _Counted()
+def test_failing_step_is_reported_and_the_others_go_on(capsys, vtime):
+    bad, good = _Counted(fail_at=2, vtime=vtime), _Counted(vtime=vtime)
     variants = [_variant("bad", bad), _variant("good", good)]
     bench.time_variants(variants, 1, 2, 1, cap_s=10.0, progress=True)
     assert variants[0].failed == "RuntimeError: boom" and variants[0].result() == "failed (RuntimeError)"
