@@ -430,9 +430,9 @@ def _tp_bf16_worker(rank: int, world: int, port: int, errors) -> None:
                 want_dtype = muon_utils.ns_compute_dtype(full)
                 assert want_dtype == (torch.bfloat16 if min(shape) >= 128 else torch.float32), (shape, want_dtype)
                 auto = muon_utils.newton_schulz_tp(shard, 5, "quintic", group, partition_dim=dim, tp_mode="distributed")
+                other_dtype = torch.float32 if want_dtype == torch.bfloat16 else torch.bfloat16
                 same, other = (muon_utils.newton_schulz(shard, 5, "quintic", transpose=dim == 0, tp_group=group,
-                                                        compute_dtype=dt)
-                               for dt in (want_dtype, ({torch.float32, torch.bfloat16} - {want_dtype}).pop()))
+                                                        compute_dtype=dt) for dt in (want_dtype, other_dtype))
             assert torch.equal(auto, same), shape  # the whole matrix's precision, on both ranks
             assert not torch.equal(auto, other), shape
         torch.distributed.barrier()
